@@ -1,0 +1,219 @@
+"""Configuration: relay.toml + RELAY_<SECTION>_<KEY> environment overrides, frozen and validated.
+
+Errors are ConfigError naming the key (`server.port: ...`); the CLI prints that one line and
+exits 2.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Final
+
+import msgspec
+from msgspec import Meta
+
+from relay.errors import ConfigError
+
+Positive = Annotated[int, Meta(ge=1)]
+NonNegative = Annotated[int, Meta(ge=0)]
+Seconds = Annotated[float, Meta(gt=0)]
+
+HMAC_ALGORITHMS: Final = frozenset({"HS256", "HS384", "HS512"})
+PUBLIC_KEY_ALGORITHMS: Final = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class RedisConfig(_Section, frozen=True):
+    url: str = "redis://127.0.0.1:6379/0"
+    prefix: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")] = (
+        "progress"
+    )
+    shards: Annotated[int, Meta(ge=1, le=1024)] = 1
+    cluster: bool = False
+
+
+class ServerConfig(_Section, frozen=True):
+    host: str = "0.0.0.0"
+    port: Annotated[int, Meta(ge=0, le=65535)] = 8765
+    path: Annotated[str, Meta(pattern=r"^/[^?#\s]*$")] = "/ws"
+    allowed_origins: list[str] = msgspec.field(default_factory=list)
+    max_connections: Positive = 10_000
+    max_connections_per_user: Positive = 20
+    max_unauthenticated: Positive = 2_000
+
+
+class AuthConfig(_Section, frozen=True):
+    algorithms: list[str] = msgspec.field(default_factory=lambda: ["HS256"])
+    secret: str = ""
+    public_key_file: str = ""
+    user_claim: Annotated[str, Meta(min_length=1)] = "sub"
+    audience: str = ""
+    issuer: str = ""
+    required_claims: dict[str, str] = msgspec.field(default_factory=dict)
+    leeway_s: Annotated[float, Meta(ge=0)] = 0.0
+    auth_timeout_s: Seconds = 5.0
+
+
+class FanoutConfig(_Section, frozen=True):
+    min_interval_ms: NonNegative = 100
+    heartbeat_s: Seconds = 30.0
+    max_buffer_bytes: Annotated[int, Meta(ge=1024)] = 1_048_576
+    write_timeout_s: Seconds = 10.0
+    max_message_bytes: Annotated[int, Meta(ge=256)] = 4096
+
+
+class RetentionConfig(_Section, frozen=True):
+    active_s: Positive = 86_400
+    finished_s: Positive = 3_600
+    stream_maxlen: Annotated[int, Meta(ge=100)] = 100_000
+
+
+class LifecycleConfig(_Section, frozen=True):
+    shutdown_timeout_s: Seconds = 10.0
+
+
+class LogConfig(_Section, frozen=True):
+    level: Annotated[str, Meta(pattern=r"^(?i:debug|info|warning|error)$")] = "info"
+    format: Annotated[str, Meta(pattern=r"^(auto|json|console)$")] = "auto"
+
+
+class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    redis: RedisConfig = msgspec.field(default_factory=RedisConfig)
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    fanout: FanoutConfig = msgspec.field(default_factory=FanoutConfig)
+    retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
+    lifecycle: LifecycleConfig = msgspec.field(default_factory=LifecycleConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+
+
+def _sections() -> dict[str, type[_Section]]:
+    fields = msgspec.structs.fields(Config)
+    return {f.name: f.type for f in fields}
+
+
+def _env_value(section: str, key: str, text: str) -> Any:
+    """Turn an environment string into the JSON-ish value msgspec.convert will validate."""
+    typ = {f.name: f.type for f in msgspec.structs.fields(_sections()[section])}[key]
+    origin = str(typ)
+    if "list[" in origin:
+        return [part.strip() for part in text.split(",") if part.strip()]
+    if "dict[" in origin:
+        out: dict[str, str] = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            name, sep, value = part.partition("=")
+            if not sep:
+                raise ConfigError(f"{section}.{key}", f"expected name=value pairs, got {part!r}")
+            out[name.strip()] = value.strip()
+        return out
+    if typ is bool:
+        low = text.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{section}.{key}", f"expected true or false, got {text!r}")
+    return text
+
+
+def _env_overrides(env: Mapping[str, str], data: dict[str, Any]) -> None:
+    sections = _sections()
+    names = sorted(sections, key=len, reverse=True)
+    for var, text in env.items():
+        if not var.startswith("RELAY_"):
+            continue
+        rest = var[len("RELAY_") :].lower()
+        section = next((s for s in names if rest.startswith(s + "_")), None)
+        if section is None:
+            continue  # not a config variable (e.g. RELAY_TEST_REDIS_URL)
+        key = rest[len(section) + 1 :]
+        keys = {f.name for f in msgspec.structs.fields(sections[section])}
+        if key not in keys:
+            raise ConfigError(f"{section}.{key}", f"unknown key (from environment variable {var})")
+        data.setdefault(section, {})
+        if not isinstance(data[section], dict):
+            raise ConfigError(section, "must be a table")
+        data[section][key] = _env_value(section, key, text)
+
+
+_PATH_RE = re.compile(r"at `\$\.([^`]+)`")
+_UNKNOWN_RE = re.compile(r"unknown field `([^`]+)`")
+
+
+def _key_from_error(err: msgspec.ValidationError) -> tuple[str, str]:
+    text = str(err)
+    message, _, _ = text.partition(" - at ")
+    where = _PATH_RE.search(text)
+    path = where.group(1) if where else ""
+    unknown = _UNKNOWN_RE.search(text)
+    if unknown:
+        key = f"{path}.{unknown.group(1)}" if path else unknown.group(1)
+        return key, "unknown key"
+    return path or "config", message
+
+
+def _cross_checks(cfg: Config) -> None:
+    algs = cfg.auth.algorithms
+    if not algs:
+        raise ConfigError("auth.algorithms", "at least one algorithm is required")
+    for alg in algs:
+        if alg not in HMAC_ALGORITHMS | PUBLIC_KEY_ALGORITHMS:
+            raise ConfigError("auth.algorithms", f"unsupported algorithm {alg!r}")
+    if set(algs) & HMAC_ALGORITHMS and set(algs) & PUBLIC_KEY_ALGORITHMS:
+        raise ConfigError(
+            "auth.algorithms", "cannot mix HMAC (HS*) and public-key algorithms (confusion risk)"
+        )
+    if cfg.retention.finished_s > cfg.retention.active_s:
+        raise ConfigError("retention.finished_s", "must not exceed retention.active_s")
+    if not cfg.redis.url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError("redis.url", "must start with redis://, rediss:// or unix://")
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Load a TOML file (optional) and apply environment overrides. Raises ConfigError."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError("config", f"cannot read {path}: {e.strerror}") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError("config", f"{path} is not valid TOML: {e}") from e
+    _env_overrides(os.environ if env is None else env, data)
+    try:
+        cfg = msgspec.convert(data, Config, strict=False)
+    except msgspec.ValidationError as e:
+        key, message = _key_from_error(e)
+        raise ConfigError(key, message) from e
+    _cross_checks(cfg)
+    return cfg
+
+
+def require_verifier(cfg: Config) -> None:
+    """`relay serve` refuses to start without a way to verify tokens (there is no default)."""
+    if set(cfg.auth.algorithms) & HMAC_ALGORITHMS:
+        if not cfg.auth.secret:
+            raise ConfigError("auth.secret", "required for HS* algorithms (no default secret)")
+    elif not cfg.auth.public_key_file:
+        raise ConfigError("auth.public_key_file", "required for public-key algorithms")
+    elif not Path(cfg.auth.public_key_file).is_file():
+        raise ConfigError("auth.public_key_file", f"no such file: {cfg.auth.public_key_file}")
+
+
+def masked(cfg: Config) -> dict[str, Any]:
+    """The effective config as a dict, secrets replaced by '***' (for `relay check`)."""
+    out: dict[str, Any] = msgspec.to_builtins(cfg)
+    if out["auth"]["secret"]:
+        out["auth"]["secret"] = "***"
+    out["redis"]["url"] = re.sub(r"//([^:@/]*):[^@/]*@", r"//\1:***@", out["redis"]["url"])
+    return out

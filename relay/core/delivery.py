@@ -1,0 +1,98 @@
+"""What one connection should receive next: seq order, throttling and conflation.
+
+An `Outbox` belongs to one connection. The fan-out offers it every new frame of the user's
+batches (encoded once, shared by all connections); the connection's writer takes what is due.
+
+Rules (docs/PROTOCOL.md, "Delivery"):
+- per batch, seq never goes backwards: an offer older than what was accepted is dropped;
+- at most one frame per batch per `min_interval_ms`: the first change goes at once (leading
+  edge); changes within the interval replace each other (conflation) and the latest goes when
+  the interval ends (trailing edge);
+- a batch's first terminal state goes at once (`urgent`);
+- a slow connection that has not taken its frames yet keeps only the latest frame per batch.
+Control frames (ping) are queued in order and always due.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class _Slot:
+    seq: int = -1  # highest seq accepted for this batch
+    sent_at: float | None = None  # when the last frame of this batch was taken (ms)
+    frame: str | None = None  # waiting frame, if any
+    due: float = 0.0  # when the waiting frame may go (ms)
+
+
+class Outbox:
+    __slots__ = ("_control", "_interval", "_queued", "_slots", "merged", "pending_bytes")
+
+    def __init__(self, min_interval_ms: float) -> None:
+        self._interval = float(min_interval_ms)
+        self._slots: dict[str, _Slot] = {}
+        self._queued: dict[str, _Slot] = {}  # slots holding a frame, in arrival order
+        self._control: deque[str] = deque()
+        self.pending_bytes = 0  # size of the frames waiting here
+        self.merged = 0  # frames replaced by a newer one before they were taken
+
+    def offer(self, batch_id: str, seq: int, frame: str, *, urgent: bool, now: float) -> bool:
+        """Accept a frame; `urgent` (a batch turning terminal) skips the interval.
+
+        Returns True when the writer must look again: the frame is due now, or a new
+        deadline appeared. A frame merged into one already waiting needs no wake-up.
+        """
+        slot = self._slots.get(batch_id)
+        if slot is None:
+            slot = self._slots[batch_id] = _Slot()
+        if seq <= slot.seq:
+            return False
+        slot.seq = seq
+        merged = slot.frame is not None
+        if slot.frame is not None:
+            self.merged += 1
+            self.pending_bytes -= len(slot.frame)
+        else:
+            self._queued[batch_id] = slot
+        slot.frame = frame
+        self.pending_bytes += len(frame)
+        if urgent or slot.sent_at is None:
+            slot.due = now
+        else:
+            slot.due = max(now, slot.sent_at + self._interval)
+        return slot.due <= now or not merged
+
+    def control(self, frame: str) -> None:
+        self._control.append(frame)
+        self.pending_bytes += len(frame)
+
+    def take_due(self, now: float) -> list[str]:
+        """Frames to write now, control frames first; marks their batches as sent at `now`."""
+        out = list(self._control)
+        self._control.clear()
+        done: list[str] = []
+        for batch_id, slot in self._queued.items():
+            if slot.due <= now and slot.frame is not None:
+                out.append(slot.frame)
+                slot.frame = None
+                slot.sent_at = now
+                done.append(batch_id)
+        for batch_id in done:
+            del self._queued[batch_id]
+        self.pending_bytes -= sum(len(f) for f in out)
+        return out
+
+    def next_due(self) -> float | None:
+        """The earliest time (ms) something becomes due; None when nothing waits."""
+        if self._control:
+            return float("-inf")
+        return min((slot.due for slot in self._queued.values()), default=None)
+
+    def clear(self) -> None:
+        self._control.clear()
+        for slot in self._queued.values():
+            slot.frame = None
+        self._queued.clear()
+        self.pending_bytes = 0

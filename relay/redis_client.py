@@ -1,0 +1,30 @@
+"""Redis clients built from `[redis]` config: single node or Cluster, sync or asyncio."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+import redis.asyncio
+import redis.asyncio.cluster
+import redis.cluster
+
+from relay.config import RedisConfig
+
+AsyncClient = redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster
+SyncClient = redis.Redis | redis.cluster.RedisCluster
+
+
+def async_client(cfg: RedisConfig, *, socket_timeout: float | None = 5.0) -> AsyncClient:
+    """An asyncio client. The stream reader passes a socket timeout longer than its XREAD block."""
+    opts: dict[str, Any] = {"socket_timeout": socket_timeout, "socket_connect_timeout": 3.0}
+    if cfg.cluster:
+        return redis.asyncio.cluster.RedisCluster.from_url(cfg.url, **opts)
+    return redis.asyncio.Redis.from_url(cfg.url, health_check_interval=30, **opts)
+
+
+def sync_client(cfg: RedisConfig, *, socket_timeout: float = 5.0) -> SyncClient:
+    opts: dict[str, Any] = {"socket_timeout": socket_timeout, "socket_connect_timeout": 3.0}
+    if cfg.cluster:
+        return redis.cluster.RedisCluster.from_url(cfg.url, **opts)
+    return redis.Redis.from_url(cfg.url, **opts)

@@ -1,0 +1,274 @@
+"""The relay process: HTTP routes and WebSocket accept, the reader, the sweeper, shutdown.
+
+relay = Relay(config)
+await relay.start()          # binds (port 0 picks a free port: relay.port)
+await relay.serve_forever()  # until relay.shutdown() (SIGTERM/SIGINT in `relay serve`)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from collections.abc import Coroutine
+from http import HTTPStatus
+from typing import Any, Final
+from urllib.parse import parse_qs
+
+import redis
+import structlog
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+from relay.auth import Claims, TokenVerifier
+from relay.config import Config
+from relay.core.fanout import FanOut
+from relay.emitter import AsyncEmitter
+from relay.errors import AuthFailed
+from relay.keys import KeySpace
+from relay.metrics import CONTENT_TYPE, Metrics
+from relay.reader import BLOCK_MS, StreamReader
+from relay.redis_client import AsyncClient, async_client
+from relay.session import SERVICE_RESTART, TOO_SLOW, Session
+from relay.wire import PING_TEXT, BatchState
+
+log = structlog.get_logger("relay.server")
+
+SWEEP_EVERY_S: Final = 0.25
+READY_PING_TIMEOUT_S: Final = 1.0
+
+
+class Relay:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.fanout = FanOut()
+        self.verifier = TokenVerifier.from_config(config.auth)
+        self.keys = KeySpace(config.redis.prefix, config.redis.shards)
+        self._redis: AsyncClient = async_client(config.redis)
+        self._reader_redis: AsyncClient = async_client(
+            config.redis, socket_timeout=BLOCK_MS / 1000 + 10
+        )
+        self.store = AsyncEmitter(
+            self._redis, prefix=config.redis.prefix, shards=config.redis.shards
+        )
+        self.reader = StreamReader(self._reader_redis, self.keys, self._on_state, self.metrics)
+        self.sessions: set[Session] = set()
+        self._authenticated = 0
+        self._handshake_claims: dict[ServerConnection, Claims] = {}
+        self._server: Server | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stopping = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self.port = 0
+
+    # -- wiring -----------------------------------------------------------------------------------
+
+    def _on_state(self, state: BatchState) -> None:
+        loop_ms = asyncio.get_running_loop().time() * 1000
+        self.fanout.publish(state, loop_ms, time.time() * 1000)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run a background task that is kept referenced until it ends."""
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def track(self, session: Session, *, authenticated: bool) -> None:
+        if authenticated:
+            self._authenticated += 1
+        else:
+            self.sessions.add(session)
+        self._update_gauges()
+
+    def untrack(self, session: Session) -> None:
+        self.sessions.discard(session)
+        if session.user_id is not None:
+            self._authenticated -= 1
+        self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        self.metrics.connections.labels("authenticated").set(self._authenticated)
+        self.metrics.connections.labels("pending").set(len(self.sessions) - self._authenticated)
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.config.server
+        origins: list[str | None] | None = None
+        if cfg.allowed_origins:
+            origins = [*cfg.allowed_origins, None]  # non-browser clients send no Origin
+        self._server = await serve(
+            self._handle,
+            cfg.host,
+            cfg.port,
+            process_request=self._process_request,
+            origins=origins,  # type: ignore[arg-type]
+            max_size=self.config.fanout.max_message_bytes,
+            max_queue=16,
+            ping_interval=None,  # the relay sends its own {"action":"ping"}
+            close_timeout=2.0,
+            open_timeout=10.0,
+            compression=None,
+            server_header="progress-relay",
+        )
+        sockets = list(self._server.sockets)
+        self.port = sockets[0].getsockname()[1] if sockets else cfg.port
+        self.spawn(self.reader.run())
+        self.spawn(self._sweeper())
+        self.spawn(self._heartbeat())
+        log.info("relay_started", host=cfg.host, port=self.port, path=cfg.path)
+
+    async def serve_forever(self) -> None:
+        await self._stopped.wait()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: self.spawn(self.shutdown()))
+
+    async def shutdown(self) -> None:
+        """Stop accepting, close every connection with 1012, bounded wait, then abort."""
+        if self._stopping.is_set():
+            await self._stopped.wait()
+            return
+        self._stopping.set()
+        log.info("relay_stopping", connections=len(self.sessions))
+        timeout = self.config.lifecycle.shutdown_timeout_s
+        if self._server is not None:
+            self._server.close(close_connections=False)
+        sessions = list(self.sessions)
+        if sessions:
+            closing = [
+                asyncio.create_task(s.close(SERVICE_RESTART, "server restarting")) for s in sessions
+            ]
+            _done, pending = await asyncio.wait(closing, timeout=timeout)
+            for s in sessions:
+                if s.ws.transport is not None and not s.ws.transport.is_closing():
+                    s.ws.transport.abort()
+            for task in pending:
+                task.cancel()
+        if self._server is not None:
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._server.wait_closed()
+            except TimeoutError:
+                log.warning("handlers_still_running_at_shutdown")
+        for task in list(self._tasks):
+            if task is not asyncio.current_task():
+                task.cancel()
+        await self._redis.aclose()
+        await self._reader_redis.aclose()
+        log.info("relay_stopped")
+        self._stopped.set()
+
+    # -- HTTP and handshake -----------------------------------------------------------------------
+
+    async def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+        path, _, query = request.path.partition("?")
+        if path == "/healthz":
+            return conn.respond(HTTPStatus.OK, "ok\n")
+        if path == "/readyz":
+            ready, reason = await self.readiness()
+            body = json.dumps({"ready": ready, "reason": reason}) + "\n"
+            return _response(
+                conn,
+                HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE,
+                body,
+                "application/json",
+            )
+        if path == "/metrics":
+            return _response(conn, HTTPStatus.OK, self.metrics.render().decode(), CONTENT_TYPE)
+        if path != self.config.server.path:
+            return conn.respond(HTTPStatus.NOT_FOUND, "not found\n")
+        if self._stopping.is_set():
+            return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "shutting down\n")
+        server_cfg = self.config.server
+        if len(self.sessions) >= server_cfg.max_connections:
+            return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
+        if len(self.sessions) - self._authenticated >= server_cfg.max_unauthenticated:
+            return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
+        token = _handshake_token(request.headers, query)
+        if token is not None:
+            try:
+                self._handshake_claims[conn] = self.verifier.verify(token)
+            except AuthFailed as e:
+                self.metrics.auth_failures.labels(e.reason).inc()
+                return conn.respond(HTTPStatus.UNAUTHORIZED, f"{e.message}\n")
+        return None
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        claims = self._handshake_claims.pop(ws, None)
+        self.metrics.connections_total.inc()
+        session = Session(self, ws, claims)
+        if self._stopping.is_set():
+            await session.close(SERVICE_RESTART, "server restarting")
+            return
+        await session.run()
+
+    async def readiness(self) -> tuple[bool, str]:
+        if self._stopping.is_set():
+            return False, "shutting down"
+        try:
+            async with asyncio.timeout(READY_PING_TIMEOUT_S):
+                await self._redis.ping()
+        except (redis.RedisError, OSError, TimeoutError) as e:
+            return False, f"redis unreachable: {type(e).__name__}"
+        if not self.reader.healthy:
+            return False, "stream reader is not running"
+        return True, "ok"
+
+    # -- periodic work ----------------------------------------------------------------------------
+
+    async def _sweeper(self) -> None:
+        """Close slow consumers (4008), publish conflation counts and event-loop lag."""
+        loop = asyncio.get_running_loop()
+        fanout_cfg = self.config.fanout
+        expected = loop.time() + SWEEP_EVERY_S
+        while True:
+            await asyncio.sleep(SWEEP_EVERY_S)
+            now = loop.time()
+            self.metrics.loop_lag.set(max(0.0, now - expected))
+            expected = now + SWEEP_EVERY_S
+            for s in list(self.sessions):
+                if s.outbox.merged:
+                    self.metrics.frames_merged.inc(s.outbox.merged)
+                    s.outbox.merged = 0
+                if s.closing or s.user_id is None:
+                    continue
+                stuck = (
+                    s.write_started is not None
+                    and now - s.write_started > fanout_cfg.write_timeout_s
+                )
+                if stuck or s.unsent_bytes() > fanout_cfg.max_buffer_bytes:
+                    self.metrics.slow_disconnects.inc()
+                    log.info("slow_consumer", conn_id=s.id, user_id=s.user_id, stuck=stuck)
+                    self.spawn(s.close(TOO_SLOW, "too slow"))
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.fanout.heartbeat_s)
+            for s in list(self.sessions):
+                if s.user_id is not None and not s.closing:
+                    s.outbox.control(PING_TEXT)
+                    s.wake()
+
+
+def _handshake_token(headers: Headers, query: str) -> str | None:
+    auth = headers.get("Authorization")
+    if auth:
+        scheme, _, value = auth.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+        return auth  # not a bearer token: verify() refuses it with a clear reason
+    values = parse_qs(query).get("token")
+    return values[0] if values else None
+
+
+def _response(conn: ServerConnection, status: HTTPStatus, body: str, content_type: str) -> Response:
+    response = conn.respond(status, body)
+    del response.headers["Content-Type"]
+    response.headers["Content-Type"] = content_type
+    return response

