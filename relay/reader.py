@@ -40,7 +40,7 @@ class StreamReader:
         on_state: Callable[[BatchState], None],
         metrics: Metrics,
         *,
-        on_gap: Callable[[int], None] | None = None,
+        on_gap: Callable[..., None] | None = None,
     ) -> None:
         self._redis = client
         self._keys = keys
@@ -107,7 +107,7 @@ class StreamReader:
             if reset:
                 self.last_ids[shard] = b"0-0"
             if self._on_gap is not None:
-                self._on_gap(shard)
+                self._on_gap(shard, reset=reset)
 
     def _consume(self, shard: int, entries: list[tuple[bytes, dict[Any, Any]]]) -> None:
         self._metrics.entries_read.inc(len(entries))

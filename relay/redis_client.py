@@ -8,6 +8,8 @@ import redis
 import redis.asyncio
 import redis.asyncio.cluster
 import redis.cluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from relay.config import RedisConfig
 
@@ -15,9 +17,18 @@ AsyncClient = redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster
 SyncClient = redis.Redis | redis.cluster.RedisCluster
 
 
-def async_client(cfg: RedisConfig, *, socket_timeout: float | None = 5.0) -> AsyncClient:
-    """An asyncio client. The stream reader passes a socket timeout longer than its XREAD block."""
+def async_client(
+    cfg: RedisConfig, *, socket_timeout: float | None = 5.0, retries: bool = True
+) -> AsyncClient:
+    """An asyncio client.
+
+    The stream reader passes a socket timeout longer than its XREAD block and `retries=False`:
+    it must see every connection loss itself, to check the stream for a reset or a gap before
+    it reads on.
+    """
     opts: dict[str, Any] = {"socket_timeout": socket_timeout, "socket_connect_timeout": 3.0}
+    if not retries:
+        opts["retry"] = Retry(NoBackoff(), 0)
     if cfg.cluster:
         return redis.asyncio.cluster.RedisCluster.from_url(cfg.url, **opts)
     return redis.asyncio.Redis.from_url(cfg.url, health_check_interval=30, **opts)

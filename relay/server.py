@@ -1,6 +1,6 @@
 """The relay process: HTTP routes and WebSocket accept, the reader, the sweeper, shutdown.
 
-relay = Relay(config)
+relay = Relay(config)        # Relay(config, routes={"/": handler}) adds extra HTTP GET routes
 await relay.start()          # binds (port 0 picks a free port: relay.port)
 await relay.serve_forever()  # until relay.shutdown() (SIGTERM/SIGINT in `relay serve`)
 """
@@ -11,9 +11,9 @@ import asyncio
 import json
 import signal
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from http import HTTPStatus
-from typing import Any, Final
+from typing import Any, Final, TypeAlias
 from urllib.parse import parse_qs
 
 import redis
@@ -39,22 +39,29 @@ log = structlog.get_logger("relay.server")
 SWEEP_EVERY_S: Final = 0.25
 READY_PING_TIMEOUT_S: Final = 1.0
 
+# An extra HTTP route (e.g. the demo page): a websockets Response, or (status, content_type, body).
+RouteReply: TypeAlias = Response | tuple[int, str, bytes]
+Route: TypeAlias = Callable[[Request], RouteReply]
+
 
 class Relay:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, routes: Mapping[str, Route] | None = None) -> None:
         self.config = config
+        self.routes: dict[str, Route] = dict(routes or {})
         self.metrics = Metrics()
         self.fanout = FanOut()
         self.verifier = TokenVerifier.from_config(config.auth)
         self.keys = KeySpace(config.redis.prefix, config.redis.shards)
         self._redis: AsyncClient = async_client(config.redis)
         self._reader_redis: AsyncClient = async_client(
-            config.redis, socket_timeout=BLOCK_MS / 1000 + 10
+            config.redis, socket_timeout=BLOCK_MS / 1000 + 10, retries=False
         )
         self.store = AsyncEmitter(
             self._redis, prefix=config.redis.prefix, shards=config.redis.shards
         )
-        self.reader = StreamReader(self._reader_redis, self.keys, self._on_state, self.metrics)
+        self.reader = StreamReader(
+            self._reader_redis, self.keys, self._on_state, self.metrics, on_gap=self._on_gap
+        )
         self.sessions: set[Session] = set()
         self._authenticated = 0
         self._handshake_claims: dict[ServerConnection, Claims] = {}
@@ -69,6 +76,23 @@ class Relay:
     def _on_state(self, state: BatchState) -> None:
         loop_ms = asyncio.get_running_loop().time() * 1000
         self.fanout.publish(state, loop_ms, time.time() * 1000)
+
+    def _on_gap(self, shard: int, *, reset: bool) -> None:
+        """The stream lost entries we had not read (trimmed) or was reset (Redis lost data)."""
+        if reset:
+            self.fanout.forget_seqs()  # seqs restart with the batches Redis recreates
+        self.spawn(self._resync())
+
+    async def _resync(self) -> None:
+        """Re-read every connected user's batches from their hashes and publish them."""
+        for user_id in self.fanout.user_ids():
+            try:
+                states = await self.store.batches_for(user_id)
+            except redis.RedisError as e:
+                log.warning("resync_failed", user_id=user_id, error=repr(e))
+                continue
+            for state in states:
+                self._on_state(state)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run a background task that is kept referenced until it ends."""
@@ -182,7 +206,18 @@ class Relay:
         if path == "/metrics":
             return _response(conn, HTTPStatus.OK, self.metrics.render().decode(), CONTENT_TYPE)
         if path != self.config.server.path:
-            return conn.respond(HTTPStatus.NOT_FOUND, "not found\n")
+            route = self.routes.get(path)
+            if route is None:
+                return conn.respond(HTTPStatus.NOT_FOUND, "not found\n")
+            reply = route(request)
+            if isinstance(reply, Response):
+                return reply
+            status, content_type, body = reply
+            response = _response(conn, HTTPStatus(status), "", content_type)
+            del response.headers["Content-Length"]
+            response.headers["Content-Length"] = str(len(body))
+            response.body = body
+            return response
         if self._stopping.is_set():
             return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "shutting down\n")
         server_cfg = self.config.server

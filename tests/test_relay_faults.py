@@ -149,3 +149,38 @@ async def test_readyz_follows_redis_and_clients_survive(
     finally:
         await client.aclose()
     await ws.close()
+
+
+@pytest.mark.slow
+async def test_redis_restart_without_persistence_is_detected(
+    relay_factory: Factory, redis_server_factory: Callable[..., RedisServer], prefix: str
+) -> None:
+    server = redis_server_factory(appendonly=False)
+    relay: Relay = await relay_factory(redis={"url": server.url})
+    ready = f"http://127.0.0.1:{relay.port}/readyz"
+    await wait_status(ready, 200)
+    ws = await open_client(relay, "nora")
+    b = str(uuid.uuid4())
+
+    async def emit(ops: int) -> None:
+        client = redis.asyncio.Redis.from_url(server.url)
+        try:
+            em = AsyncEmitter(client, prefix=prefix)
+            await em.start(b, "nora", 10)
+            await em.incr(b, "nora", successful=ops)
+        finally:
+            await client.aclose()
+
+    for _ in range(5):
+        await emit(1)  # seq climbs to 6
+    await collect_until(ws, lambda f: (p := progress(f, b)) is not None and p["seq"] == 6)
+    server.kill()
+    await wait_status(ready, 503)
+    server.restart()  # empty: the batch starts again at seq 1
+    await wait_status(ready, 200)
+    await emit(10)
+    frames = await collect_until(ws, lambda f: (p := progress(f, b)) is not None and p["status"] == "completed")
+    final = progress(frames[-1], b)
+    assert final is not None and final["processed"] == 10 and final["seq"] == 2
+    assert relay.metrics.stream_gaps._value.get() >= 1
+    await ws.close()

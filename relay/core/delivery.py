@@ -58,10 +58,9 @@ class Outbox:
             self._queued[batch_id] = slot
         slot.frame = frame
         self.pending_bytes += len(frame)
-        if urgent or slot.sent_at is None:
-            slot.due = now
-        else:
-            slot.due = max(now, slot.sent_at + self._interval)
+        due = now if urgent or slot.sent_at is None else max(now, slot.sent_at + self._interval)
+        # A merge never pushes back a frame already waiting (an urgent one stays due at once).
+        slot.due = min(slot.due, due) if merged else due
         return slot.due <= now or not merged
 
     def control(self, frame: str) -> None:
@@ -89,6 +88,11 @@ class Outbox:
         if self._control:
             return float("-inf")
         return min((slot.due for slot in self._queued.values()), default=None)
+
+    def forget_seqs(self) -> None:
+        """Accept any seq again (the source was reset); throttling state is kept."""
+        for slot in self._slots.values():
+            slot.seq = -1
 
     def clear(self) -> None:
         self._control.clear()

@@ -66,8 +66,15 @@ class FanOut:
         room = self._rooms.get(user_id)
         return len(room.subscribers) if room else 0
 
-    def users(self) -> int:
-        return len(self._rooms)
+    def user_ids(self) -> list[str]:
+        return list(self._rooms)
+
+    def forget_seqs(self) -> None:
+        """After Redis lost its data, batches restart at seq 1: accept them again."""
+        for room in self._rooms.values():
+            room.trackers.clear()
+            for sub in room.subscribers:
+                sub.outbox.forget_seqs()
 
     def publish(self, state: BatchState, now: float, wall_ms: float) -> None:
         """Offer a new state to every connection of its owner. `now` is monotonic ms."""
