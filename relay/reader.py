@@ -120,7 +120,10 @@ class StreamReader:
             except Exception as e:  # never let one entry stop the reader
                 self._reject(entry_id, "unreadable", repr(e))
                 continue
-            self._on_state(state)
+            try:
+                self._on_state(state)
+            except Exception:  # a bug downstream must not stop the reader
+                log.exception("state_dispatch_failed", entry_id=entry_id.decode())
         last_id = entries[-1][0]
         self.last_ids[shard] = last_id
         self._metrics.reader_lag.set(max(0.0, time.time() * 1000 - _id_tuple(last_id)[0]))

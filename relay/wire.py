@@ -23,6 +23,7 @@ TERMINAL: Final = frozenset({"completed", "failed", "cancelled"})
 MAX_COUNT: Final = 2**53 - 1  # largest integer every JSON client reads exactly
 MAX_ID_LEN: Final = 128
 MAX_LABEL_LEN: Final = 200
+MAX_TIME_MS: Final = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z, the last time iso_ms can write
 
 _INT_FIELDS: Final = (
     "total",
@@ -99,6 +100,9 @@ def state_from_fields(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> Batc
         if len(text) > 16 or int(text) > MAX_COUNT:
             raise BadEntry("too_large", f"{name}={text[:30]!r}")
         ints[name] = int(text)
+    for name in ("started_at", "updated_at"):
+        if ints[name] > MAX_TIME_MS:
+            raise BadEntry("too_large", f"{name}={ints[name]} is past year 9999")
     status = raw["status"]
     if status not in STATUSES:
         raise BadEntry("bad_status", repr(status[:30]))
@@ -165,8 +169,9 @@ PONG_TEXT: Final = encode(Pong())
 
 def iso_ms(ms: int | float) -> str:
     """ISO-8601 UTC with millisecond precision and a trailing Z."""
-    dt = datetime.fromtimestamp(ms / 1000.0, tz=UTC)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{int(ms) % 1000:03d}Z"
+    whole = math.floor(ms)  # seconds and millis from the same integer (no rounding up to :02.999)
+    dt = datetime.fromtimestamp(whole // 1000, tz=UTC)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{whole % 1000:03d}Z"
 
 
 def progress_frame(

@@ -29,7 +29,12 @@ class RateTracker:
             samples = self._samples
             if samples and (state.processed < samples[-1][1] or state.updated_at < samples[-1][0]):
                 samples.clear()  # counters were reset by `set`: history says nothing any more
-            samples.append((state.updated_at, state.processed))
+            # Samples closer together than WINDOW_MS / MAX_SAMPLES replace the newest one, so
+            # that MAX_SAMPLES always span the whole window however fast updates come.
+            if len(samples) >= 2 and state.updated_at - samples[-2][0] < WINDOW_MS / MAX_SAMPLES:
+                samples[-1] = (state.updated_at, state.processed)
+            else:
+                samples.append((state.updated_at, state.processed))
             # Drop samples older than the window, but keep one anchor before it.
             while len(samples) > 2 and samples[1][0] < state.updated_at - WINDOW_MS:
                 samples.popleft()
