@@ -89,8 +89,9 @@ def redis_cluster() -> Iterator[RedisCluster]:
 @pytest.fixture
 async def relay_factory(redis_url: str, prefix: str) -> AsyncIterator[Callable[..., Any]]:
     """start(**sections) -> a started in-process Relay on a free port; shut down at teardown."""
-    from relay.server import Relay  # noqa: PLC0415
     from relay_harness import make_config  # noqa: PLC0415
+
+    from relay.server import Relay  # noqa: PLC0415
 
     relays: list[Relay] = []
 

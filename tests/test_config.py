@@ -62,7 +62,9 @@ def test_env_overrides_every_kind_of_value() -> None:
         ("[retention]\nfinished_s = 100\nactive_s = 10\n", {}, "retention.finished_s"),
     ],
 )
-def test_invalid_config_names_the_key(tmp_path: Path, toml: str, env: dict[str, str], key: str) -> None:
+def test_invalid_config_names_the_key(
+    tmp_path: Path, toml: str, env: dict[str, str], key: str
+) -> None:
     path = tmp_path / "relay.toml"
     path.write_text(toml)
     with pytest.raises(ConfigError) as info:
@@ -90,7 +92,11 @@ def test_masked_hides_secrets() -> None:
 def _relay(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     full = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")} | env
     return subprocess.run(
-        [sys.executable, "-m", "relay.cli", *args], env=full, capture_output=True, text=True, timeout=30
+        [sys.executable, "-m", "relay.cli", *args],
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
 
 
@@ -104,7 +110,11 @@ def test_cli_exits_2_with_one_line_naming_the_key() -> None:
 
 
 def test_cli_check_and_emit_against_redis(redis_url: str, prefix: str) -> None:
-    env = {"RELAY_REDIS_URL": redis_url, "RELAY_REDIS_PREFIX": prefix, "RELAY_AUTH_SECRET": "x" * 32}
+    env = {
+        "RELAY_REDIS_URL": redis_url,
+        "RELAY_REDIS_PREFIX": prefix,
+        "RELAY_AUTH_SECRET": "x" * 32,
+    }
     out = _relay("check", env=env)
     assert out.returncode == 0, out.stderr
     assert "***" in out.stdout and "x" * 32 not in out.stdout

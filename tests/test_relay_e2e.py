@@ -21,7 +21,9 @@ def bid() -> str:
     return str(uuid.uuid4())
 
 
-async def test_frames_follow_emits(relay_factory: Factory, aredis: redis.asyncio.Redis, prefix: str) -> None:
+async def test_frames_follow_emits(
+    relay_factory: Factory, aredis: redis.asyncio.Redis, prefix: str
+) -> None:
     relay: Relay = await relay_factory()
     em = AsyncEmitter(aredis, prefix=prefix)
     ws = await open_client(relay, "alice")
@@ -30,7 +32,9 @@ async def test_frames_follow_emits(relay_factory: Factory, aredis: redis.asyncio
     for i in range(3):
         await em.item(b, "alice", f"i{i}")
     await em.item(b, "alice", "i3", ok=False)
-    frames = await collect_until(ws, lambda f: (p := progress(f, b)) is not None and p["status"] == "completed")
+    frames = await collect_until(
+        ws, lambda f: (p := progress(f, b)) is not None and p["status"] == "completed"
+    )
     last = progress(frames[-1])
     assert last is not None
     assert last["total"] == 4 and last["processed"] == 4
@@ -56,7 +60,10 @@ async def test_snapshot_includes_batches_started_before(
     relay: Relay = await relay_factory()
     ws = await open_client(relay, "bob")
     seen: dict[str, dict[str, Any]] = {}
-    await collect_until(ws, lambda f: bool((p := progress(f)) and seen.setdefault(p["batch_id"], p)) and len(seen) == 2)
+    await collect_until(
+        ws,
+        lambda f: bool((p := progress(f)) and seen.setdefault(p["batch_id"], p)) and len(seen) == 2,
+    )
     assert seen[b1]["processed"] == 4 and seen[b1]["progress_percentage"] == 40.0
     assert seen[b2]["status"] == "cancelled"
     await ws.close()
@@ -76,12 +83,16 @@ async def test_users_are_isolated_and_all_connections_receive(
     await em.item(ba, "ann", "x")
     await em.item(bz, "zed", "x")
     for ws, mine, other in ((a1, ba, bz), (a2, ba, bz), (z, bz, ba)):
-        frames = await collect_until(ws, lambda f, m=mine: (p := progress(f, m)) is not None and p["status"] == "completed")
+        frames = await collect_until(
+            ws, lambda f, m=mine: (p := progress(f, m)) is not None and p["status"] == "completed"
+        )
         assert all(progress(f, other) is None for f in frames)
     await asyncio.gather(a1.close(), a2.close(), z.close())
 
 
-async def test_percentage_is_clamped(relay_factory: Factory, aredis: redis.asyncio.Redis, prefix: str) -> None:
+async def test_percentage_is_clamped(
+    relay_factory: Factory, aredis: redis.asyncio.Redis, prefix: str
+) -> None:
     relay: Relay = await relay_factory()
     em = AsyncEmitter(aredis, prefix=prefix)
     ws = await open_client(relay, "dan")
@@ -93,7 +104,9 @@ async def test_percentage_is_clamped(relay_factory: Factory, aredis: redis.async
     await ws.close()
 
 
-async def test_many_rapid_updates_are_conflated(relay_factory: Factory, aredis: redis.asyncio.Redis, prefix: str) -> None:
+async def test_many_rapid_updates_are_conflated(
+    relay_factory: Factory, aredis: redis.asyncio.Redis, prefix: str
+) -> None:
     relay: Relay = await relay_factory()
     em = AsyncEmitter(aredis, prefix=prefix)
     ws = await open_client(relay, "eve")
@@ -102,8 +115,12 @@ async def test_many_rapid_updates_are_conflated(relay_factory: Factory, aredis: 
     await em.start(b, "eve", n)
     pipe_batch = 50
     for start in range(0, n, pipe_batch):
-        await asyncio.gather(*(em.item(b, "eve", f"i{i}") for i in range(start, start + pipe_batch)))
-    frames = await collect_until(ws, lambda f: (p := progress(f, b)) is not None and p["status"] == "completed", timeout=30)
+        await asyncio.gather(
+            *(em.item(b, "eve", f"i{i}") for i in range(start, start + pipe_batch))
+        )
+    frames = await collect_until(
+        ws, lambda f: (p := progress(f, b)) is not None and p["status"] == "completed", timeout=30
+    )
     final = progress(frames[-1])
     assert final is not None and final["processed"] == n and final["successful"] == n
     assert final["seq"] == n + 1

@@ -69,7 +69,7 @@ async def test_slow_consumer_closed_4008_while_others_keep_receiving(
     async def flood() -> None:
         for b in batches:
             await em.start(b, "sloth", 10**6, label=label)
-        for n in range(1, 400):
+        for _ in range(400):
             if relay.metrics.slow_disconnects._value.get() >= 1:
                 return
             await asyncio.gather(*(em.incr(b, "sloth", successful=1) for b in batches))
@@ -79,7 +79,9 @@ async def test_slow_consumer_closed_4008_while_others_keep_receiving(
     # The other user's connection is unaffected and still gets its frames.
     for i in range(3):
         await em.item(fast_batch, "hare", f"i{i}")
-    frames = await collect_until(fast, lambda f: (p := progress(f, fast_batch)) is not None and p["status"] == "completed")
+    frames = await collect_until(
+        fast, lambda f: (p := progress(f, fast_batch)) is not None and p["status"] == "completed"
+    )
     assert progress(frames[-1], fast_batch) is not None
     # The slow client, once it reads again, finds the 4008 close after what was already sent.
     async with asyncio.timeout(15):
@@ -144,7 +146,9 @@ async def test_readyz_follows_redis_and_clients_survive(
         b = str(uuid.uuid4())
         await em.start(b, "rita", 2)
         await em.incr(b, "rita", successful=2)
-        frames = await collect_until(ws, lambda f: (p := progress(f, b)) is not None and p["status"] == "completed")
+        frames = await collect_until(
+            ws, lambda f: (p := progress(f, b)) is not None and p["status"] == "completed"
+        )
         assert progress(frames[-1], b) is not None
     finally:
         await client.aclose()
@@ -179,7 +183,9 @@ async def test_redis_restart_without_persistence_is_detected(
     server.restart()  # empty: the batch starts again at seq 1
     await wait_status(ready, 200)
     await emit(10)
-    frames = await collect_until(ws, lambda f: (p := progress(f, b)) is not None and p["status"] == "completed")
+    frames = await collect_until(
+        ws, lambda f: (p := progress(f, b)) is not None and p["status"] == "completed"
+    )
     final = progress(frames[-1], b)
     assert final is not None and final["processed"] == 10 and final["seq"] == 2
     assert relay.metrics.stream_gaps._value.get() >= 1
