@@ -1,0 +1,963 @@
+"""The emit operations end to end: Python SDK (sync and async) and the Lua script on a real Redis.
+
+Each emitter test runs twice, once through `Emitter` and once through `AsyncEmitter` (the `em`
+fixture wraps both behind coroutines). Redis state is inspected with a plain sync client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import multiprocessing
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio
+import structlog
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from redis_server import RedisServer, free_port
+
+from relay.emitter import SCRIPT, AsyncEmitter, Emitter, RedisUnavailable
+from relay.errors import BadArgument, WrongUser
+from relay.keys import KeySpace
+from relay.wire import MAX_COUNT, STATUSES, TERMINAL, BatchState, state_from_fields
+
+USER = "user-1"
+OTHER = "user-2"
+Snapshot = tuple[int, Any, Any, Any]  # stream length, batch hash, items hash, user index
+Call = tuple[str, tuple[object, ...], dict[str, object]]  # op, positional args, keyword args
+
+
+@dataclass
+class Em:
+    """One emitter, sync or async, driven through coroutines so a test body serves both."""
+
+    emitter: Emitter | AsyncEmitter
+    r: redis.Redis  # sync client on the same server, for inspection
+    keys: KeySpace
+
+    async def call(self, op: str, *args: object, **kwargs: object) -> Any:
+        result = getattr(self.emitter, op)(*args, **kwargs)
+        return await result if inspect.isawaitable(result) else result
+
+    async def run(self, op: str, *args: object, **kwargs: object) -> BatchState:
+        state = await self.call(op, *args, **kwargs)
+        assert isinstance(state, BatchState)
+        return state
+
+    def stream(self, batch_id: str) -> bytes:
+        return self.keys.stream(self.keys.shard_of(batch_id)).encode()
+
+    def xlen(self, batch_id: str) -> int:
+        return int(self.r.xlen(self.stream(batch_id)))
+
+    def last_entry(self, batch_id: str) -> BatchState:
+        raw: Any = self.r.xrevrange(self.stream(batch_id), count=1)
+        [(_, fields)] = raw
+        return state_from_fields(fields)
+
+    def snapshot(self, batch_id: str, user_id: str = USER) -> Snapshot:
+        shard = self.keys.shard_of(batch_id)
+        return (
+            self.xlen(batch_id),
+            self.r.hgetall(self.keys.batch(batch_id)),
+            self.r.hgetall(self.keys.items(batch_id)),
+            self.r.zrange(self.keys.user_index(shard, user_id), 0, -1, withscores=True),
+        )
+
+    def server_ms(self) -> int:
+        sec, usec = self.r.time()
+        return int(sec) * 1000 + int(usec) // 1000
+
+
+MakeEm = Callable[..., Em]
+
+
+@pytest.fixture(params=["sync", "async"])
+def make_em(
+    request: pytest.FixtureRequest,
+    redis_client: redis.Redis,
+    aredis: redis.asyncio.Redis,
+    prefix: str,
+) -> MakeEm:
+    def make(**kwargs: Any) -> Em:
+        kwargs.setdefault("prefix", prefix)
+        emitter: Emitter | AsyncEmitter
+        if request.param == "sync":
+            emitter = Emitter(redis_client, **kwargs)
+        else:
+            emitter = AsyncEmitter(aredis, **kwargs)
+        return Em(emitter, redis_client, KeySpace(kwargs["prefix"], kwargs.get("shards", 1)))
+
+    return make
+
+
+@pytest.fixture
+def em(make_em: MakeEm) -> Em:
+    return make_em()
+
+
+def counters(s: BatchState) -> tuple[str, int, int, int, int]:
+    return (s.status, s.total, s.processed, s.successful, s.failed)
+
+
+async def poll(predicate: Callable[[], Any], within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while True:
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        assert time.monotonic() < deadline, "condition not reached before the deadline"
+        await asyncio.sleep(0.05)
+
+
+# --------------------------------------------------------------------------------------------
+# Each op, its effect, the stream entry it appends
+
+
+@pytest.mark.parametrize(
+    ("op", "args", "kwargs", "expected"),
+    [
+        ("start", (7,), {"label": "Import"}, ("pending", 7, 0, 0, 0)),
+        ("item", ("row-1",), {"ok": False}, ("processing", 0, 1, 0, 1)),
+        ("incr", (), {"successful": 2, "failed": 1}, ("processing", 0, 3, 2, 1)),
+        ("incr", (), {}, ("pending", 0, 0, 0, 0)),
+        ("set", (), {"total": 4, "successful": 1}, ("processing", 4, 1, 1, 0)),
+        ("set", (), {"status": "processing"}, ("processing", 0, 0, 0, 0)),
+        ("finish", (), {}, ("completed", 0, 0, 0, 0)),
+        ("finish", ("cancelled",), {}, ("cancelled", 0, 0, 0, 0)),
+    ],
+)
+async def test_any_op_creates_a_missing_batch(
+    em: Em, op: str, args: tuple[object, ...], kwargs: dict[str, object], expected: tuple[Any, ...]
+) -> None:
+    t0 = em.server_ms()
+    state = await em.run(op, "b1", USER, *args, **kwargs)
+    t1 = em.server_ms()
+    assert counters(state) == expected
+    assert (state.batch_id, state.user_id, state.seq) == ("b1", USER, 1)
+    assert t0 <= state.started_at == state.updated_at <= t1
+    assert state.label == ("Import" if op == "start" else None)
+    assert await em.call("get", "b1") == state
+    assert em.xlen("b1") == 1
+    assert em.last_entry("b1") == state
+
+
+async def test_each_change_appends_exactly_one_entry_matching_the_state(em: Em) -> None:
+    steps: list[tuple[str, tuple[object, ...], dict[str, object], bool, tuple[Any, ...]]] = [
+        ("start", (10,), {"label": "L"}, True, ("pending", 10, 0, 0, 0)),
+        ("item", ("a",), {}, True, ("processing", 10, 1, 1, 0)),
+        ("item", ("a",), {}, False, ("processing", 10, 1, 1, 0)),
+        ("item", ("b",), {"ok": False}, True, ("processing", 10, 2, 1, 1)),
+        ("item", ("b",), {"ok": True}, True, ("processing", 10, 2, 2, 0)),
+        ("incr", (), {"successful": 2, "failed": 1}, True, ("processing", 10, 5, 4, 1)),
+        ("incr", (), {}, False, ("processing", 10, 5, 4, 1)),
+        ("start", (10,), {"label": "L"}, False, ("processing", 10, 5, 4, 1)),
+        ("start", (10,), {}, False, ("processing", 10, 5, 4, 1)),
+        ("start", (12,), {"label": ""}, True, ("processing", 12, 5, 4, 1)),
+        ("set", (), {"total": 20}, True, ("processing", 20, 5, 4, 1)),
+        ("set", (), {"status": "processing"}, False, ("processing", 20, 5, 4, 1)),
+        ("finish", ("failed",), {}, True, ("failed", 20, 5, 4, 1)),
+        ("finish", ("failed",), {}, False, ("failed", 20, 5, 4, 1)),
+        ("item", ("c",), {}, True, ("failed", 20, 6, 5, 1)),
+        ("set", (), {"status": "processing"}, True, ("processing", 20, 6, 5, 1)),
+    ]
+    prev: BatchState | None = None
+    for op, args, kwargs, changes, expected in steps:
+        before = em.xlen("b1")
+        state = await em.run(op, "b1", USER, *args, **kwargs)
+        where = f"{op}{args}{kwargs}"
+        assert counters(state) == expected, where
+        assert em.xlen("b1") == before + changes, where
+        assert em.last_entry("b1") == (state if changes else prev), where
+        assert await em.call("get", "b1") == state, where
+        if prev is not None:
+            assert state.started_at == prev.started_at
+            assert state.seq == prev.seq + changes, where
+            assert state.updated_at >= prev.updated_at
+            if not changes:
+                assert state == prev, where
+        prev = state
+    assert prev is not None
+    assert prev.label is None  # cleared by start(label="")
+    assert prev.seq == sum(step[3] for step in steps) == em.xlen("b1")
+
+
+async def test_times_are_redis_server_time(em: Em) -> None:
+    t0 = em.server_ms()
+    first = await em.run("start", "b1", USER, 3)
+    t1 = em.server_ms()
+    assert t0 <= first.started_at == first.updated_at <= t1
+    assert abs(first.updated_at - time.time() * 1000) < 5_000  # ms since the epoch
+    await asyncio.sleep(0.02)
+    t2 = em.server_ms()
+    later = await em.run("item", "b1", USER, "x")
+    t3 = em.server_ms()
+    assert later.started_at == first.started_at
+    assert t2 <= later.updated_at <= t3
+    assert later.updated_at > first.updated_at
+
+
+async def test_label_rules(em: Em) -> None:
+    assert (await em.run("start", "b1", USER, 1, label="Import")).label == "Import"
+    assert (await em.run("start", "b1", USER, 2)).label == "Import"  # None keeps it
+    assert (await em.run("incr", "b1", USER, successful=1)).label == "Import"
+    assert (await em.run("start", "b1", USER, 2, label="")).label is None
+    assert b"label" not in em.r.hgetall(em.keys.batch("b1"))
+    long = "é" * 200  # 200 characters, 400 bytes: the limit counts characters
+    assert (await em.run("start", "b1", USER, 2, label=long)).label == long
+    assert em.last_entry("b1").label == long
+
+
+async def test_limits_are_inclusive(em: Em) -> None:
+    state = await em.run("start", "x" * 128, "ü" * 128, MAX_COUNT)
+    assert (state.total, state.user_id) == (MAX_COUNT, "ü" * 128)
+    state = await em.run("item", "x" * 128, "ü" * 128, "€" * 170 + "ab")  # 512 bytes
+    assert state.processed == 1
+    state = await em.run("set", "b2", USER, processed=MAX_COUNT, successful=MAX_COUNT)
+    assert (state.processed, state.successful) == (MAX_COUNT, MAX_COUNT)
+    assert em.last_entry("b2") == state
+
+
+# --------------------------------------------------------------------------------------------
+# Refusals change nothing
+
+ALL_OPS_NO_ARGS: list[Call] = [
+    ("start", (), {}),
+    ("item", (), {}),
+    ("incr", (), {"successful": 1}),
+    ("set", (), {"total": 4}),
+    ("finish", (), {}),
+]
+TOO_BIG = 2**53
+
+BAD_CALLS: list[Call] = [
+    ("start", (-1,), {}),
+    ("start", (True,), {}),
+    ("start", (TOO_BIG,), {}),
+    ("start", (1.5,), {}),
+    ("start", ("3",), {}),
+    ("start", (3,), {"label": "x" * 201}),
+    ("start", (3,), {"label": 5}),
+    ("item", ("",), {}),
+    ("item", ("x" * 513,), {}),
+    ("item", ("é" * 257,), {}),  # 514 bytes
+    ("item", (7,), {}),
+    ("item", ("a",), {"ok": 1}),
+    ("item", ("a",), {"ok": None}),
+    ("incr", (), {"successful": -1}),
+    ("incr", (), {"failed": -1}),
+    ("incr", (), {"successful": True}),
+    ("incr", (), {"failed": TOO_BIG}),
+    ("set", (), {}),
+    ("set", (), {"status": "done"}),
+    ("set", (), {"status": ""}),
+    ("set", (), {"total": -1}),
+    ("set", (), {"processed": True}),
+    ("set", (), {"successful": TOO_BIG}),
+    ("set", (), {"failed": -3, "status": "completed"}),
+    ("finish", ("pending",), {}),
+    ("finish", ("processing",), {}),
+    ("finish", ("done",), {}),
+]
+
+
+@pytest.mark.parametrize(("op", "args", "kwargs"), BAD_CALLS, ids=lambda v: repr(v)[:30])
+async def test_bad_argument_raises_and_changes_nothing(
+    em: Em, op: str, args: tuple[object, ...], kwargs: dict[str, object]
+) -> None:
+    await em.run("start", "b1", USER, 10, label="L")
+    await em.run("item", "b1", USER, "a")
+    before, missing = em.snapshot("b1"), em.snapshot("b2")
+    with pytest.raises(BadArgument):
+        await em.call(op, "b1", USER, *args, **kwargs)
+    assert em.snapshot("b1") == before
+    with pytest.raises(BadArgument):  # nor does it create a missing batch
+        await em.call(op, "b2", USER, *args, **kwargs)
+    assert em.snapshot("b2") == missing
+    assert missing[1:3] == ({}, {})
+    assert em.xlen("b1") == 2
+
+
+BAD_BATCH_IDS: list[object] = ["", "x" * 129, 5, None]
+BAD_USER_IDS: list[object] = ["", "u" * 129, 7, None]
+BAD_ID_CALLS: list[Call] = [
+    *((op, (b, USER), kw) for b in BAD_BATCH_IDS for op, _, kw in ALL_OPS_NO_ARGS),
+    *((op, ("b1", u), kw) for u in BAD_USER_IDS for op, _, kw in ALL_OPS_NO_ARGS),
+    *(("get", (b,), {}) for b in BAD_BATCH_IDS),
+    *(("batches_for", (u,), {}) for u in BAD_USER_IDS),
+]
+
+
+@pytest.mark.parametrize(("op", "args", "kwargs"), BAD_ID_CALLS, ids=lambda v: repr(v)[:24])
+async def test_bad_ids_raise(
+    em: Em, op: str, args: tuple[object, ...], kwargs: dict[str, object]
+) -> None:
+    extra: tuple[object, ...] = {"start": (1,), "item": ("i",)}.get(op, ())
+    with pytest.raises(BadArgument):
+        await em.call(op, *args, *extra, **kwargs)
+    assert em.xlen("b1") == 0
+
+
+async def test_counter_overflow_is_refused_and_changes_nothing(em: Em) -> None:
+    await em.run("set", "b1", USER, processed=MAX_COUNT, successful=MAX_COUNT - 1)
+    before = em.snapshot("b1")
+    for op, args, kwargs in [
+        ("item", ("new",), {}),  # processed + 1
+        ("incr", (), {"failed": 1}),
+        ("incr", (), {"successful": 1}),
+        ("set", (), {"failed": 2}),  # processed recomputed as successful + failed
+    ]:
+        with pytest.raises(BadArgument, match="overflow"):
+            await em.call(op, "b1", USER, *args, **kwargs)
+        assert em.snapshot("b1") == before, op
+
+
+@pytest.mark.parametrize(
+    ("op", "args", "kwargs"),
+    [
+        ("start", (5,), {"label": "mine"}),
+        ("item", ("a",), {"ok": False}),
+        ("item", ("z",), {}),
+        ("incr", (), {"successful": 1}),
+        ("incr", (), {}),
+        ("set", (), {"total": 99}),
+        ("finish", ("cancelled",), {}),
+    ],
+)
+async def test_wrong_user_raises_and_changes_nothing(
+    em: Em, op: str, args: tuple[object, ...], kwargs: dict[str, object]
+) -> None:
+    await em.run("start", "b1", USER, 10)
+    await em.run("item", "b1", USER, "a")
+    before = em.snapshot("b1")
+    with pytest.raises(WrongUser):
+        await em.call(op, "b1", OTHER, *args, **kwargs)
+    assert em.snapshot("b1") == before
+    assert em.snapshot("b1", OTHER)[3] == []  # not in the other user's index either
+    assert await em.call("batches_for", OTHER) == []
+
+
+# --------------------------------------------------------------------------------------------
+# Counting rules
+
+
+async def test_items_count_exactly_once(em: Em) -> None:
+    first = await em.run("item", "b1", USER, "a")
+    assert (first.processed, first.successful, first.failed, first.seq) == (1, 1, 0, 1)
+    again = await em.run("item", "b1", USER, "a")
+    assert again == first
+    assert em.xlen("b1") == 1
+    flipped = await em.run("item", "b1", USER, "a", ok=False)
+    assert (flipped.processed, flipped.successful, flipped.failed, flipped.seq) == (1, 0, 1, 2)
+    assert await em.run("item", "b1", USER, "a", ok=False) == flipped
+    back = await em.run("item", "b1", USER, "a", ok=True)
+    assert (back.processed, back.successful, back.failed, back.seq) == (1, 1, 0, 3)
+    other = await em.run("item", "b1", USER, "b", ok=False)
+    assert (other.processed, other.successful, other.failed) == (2, 1, 1)
+    assert em.xlen("b1") == 4
+    assert em.r.hgetall(em.keys.items("b1")) == {b"a": b"1", b"b": b"0"}
+
+
+async def test_item_flip_after_set_lowered_the_counter_keeps_processed_the_sum(em: Em) -> None:
+    await em.run("item", "b1", USER, "a")
+    await em.run("item", "b1", USER, "b")
+    state = await em.run("set", "b1", USER, successful=0)
+    assert (state.processed, state.successful, state.failed) == (0, 0, 0)
+    state = await em.run("item", "b1", USER, "a", ok=False)
+    assert (state.processed, state.successful, state.failed) == (1, 0, 1)
+    await em.run("set", "b1", USER, successful=1, failed=0)
+    state = await em.run("item", "b1", USER, "a", ok=True)  # a was failed; failed is 0
+    assert (state.processed, state.successful, state.failed) == (2, 2, 0)
+
+
+async def test_incr_is_not_idempotent(em: Em) -> None:
+    await em.run("incr", "b1", USER, successful=2)
+    state = await em.run("incr", "b1", USER, successful=2, failed=1)
+    assert (state.processed, state.successful, state.failed, state.seq) == (5, 4, 1, 2)
+
+
+async def test_set_semantics(em: Em) -> None:
+    state = await em.run("set", "b1", USER, successful=5, failed=2)
+    assert (state.processed, state.successful, state.failed) == (7, 5, 2)
+    state = await em.run("set", "b1", USER, processed=3)
+    assert (state.processed, state.successful, state.failed) == (3, 5, 2)
+    state = await em.run("set", "b1", USER, failed=0)  # recomputed from successful + failed
+    assert (state.processed, state.successful, state.failed) == (5, 5, 0)
+    state = await em.run("set", "b1", USER, processed=9, successful=1, failed=1, total=10)
+    assert counters(state) == ("processing", 10, 9, 1, 1)
+    state = await em.run("set", "b1", USER, total=9)
+    assert state.status == "completed"
+    seq = state.seq
+    assert (await em.run("set", "b1", USER, total=9, processed=9)).seq == seq  # a no-op
+
+
+async def test_automatic_transitions(em: Em) -> None:
+    assert (await em.run("start", "b1", USER, 3)).status == "pending"
+    assert (await em.run("incr", "b1", USER)).status == "pending"
+    assert (await em.run("item", "b1", USER, "a", ok=False)).status == "processing"
+    assert (await em.run("item", "b1", USER, "b")).status == "processing"
+    state = await em.run("item", "b1", USER, "c")
+    assert counters(state) == ("completed", 3, 3, 2, 1)
+    assert state.progress_percentage == 100.0
+    # total 0 never completes by itself
+    state = await em.run("incr", "b2", USER, successful=5)
+    assert counters(state) == ("processing", 0, 5, 5, 0)
+    # lowering total to what was processed completes
+    await em.run("start", "b3", USER, 10)
+    await em.run("incr", "b3", USER, successful=4)
+    assert (await em.run("start", "b3", USER, 4)).status == "completed"
+    # over-counting completes too
+    assert (await em.run("incr", "b4", USER, successful=3)).status == "processing"
+    assert (await em.run("set", "b4", USER, total=2)).status == "completed"
+
+
+async def test_explicit_status_wins_over_automatic_transitions(em: Em) -> None:
+    state = await em.run("set", "b1", USER, status="pending", processed=5, total=5)
+    assert counters(state) == ("pending", 5, 5, 0, 0)
+    state = await em.run("set", "b1", USER, status="processing", total=4)
+    assert state.status == "processing"
+    # the next op without a status applies the automatic rules again
+    assert (await em.run("incr", "b1", USER, successful=1)).status == "completed"
+
+
+async def test_terminal_status_is_sticky_but_counters_move(em: Em) -> None:
+    await em.run("start", "b1", USER, 10)
+    await em.run("item", "b1", USER, "a")
+    state = await em.run("finish", "b1", USER, "cancelled")
+    seq = state.seq
+    later: list[Call] = [
+        ("item", ("b",), {"ok": False}),
+        ("item", ("a",), {"ok": False}),
+        ("incr", (), {"successful": 20}),
+        ("start", (50,), {}),
+        ("set", (), {"total": 1, "processed": 0}),
+        ("set", (), {"successful": 3, "failed": 1}),
+    ]
+    for op, args, kwargs in later:
+        state = await em.run(op, "b1", USER, *args, **kwargs)
+        assert state.status == "cancelled", op
+        assert state.seq == seq + 1, op
+        seq = state.seq
+    assert counters(state) == ("cancelled", 1, 4, 3, 1)
+    # explicit statuses always apply, even over a terminal one
+    assert (await em.run("finish", "b1", USER, "failed")).status == "failed"
+    assert (await em.run("set", "b1", USER, status="processing")).status == "processing"
+    # and from there the automatic rules are back (processed 4 >= total 1)
+    assert (await em.run("incr", "b1", USER, successful=1)).status == "completed"
+    # finishing with another terminal status over completed applies
+    assert (await em.run("finish", "b1", USER, "failed")).status == "failed"
+
+
+# --------------------------------------------------------------------------------------------
+# The Lua script as another language's worker sees it
+
+
+def _eval(r: redis.Redis, keys: KeySpace, argv: list[str]) -> Any:
+    batch_id, user_id = argv[1], argv[2]
+    if not batch_id or not user_id:  # the keys still need some name
+        batch_id, user_id = batch_id or "b1", user_id or USER
+    return r.eval(SCRIPT, 4, *keys.op_keys(batch_id, user_id), *argv)
+
+
+def _argv(op: str = "start", *pairs: str, **header: str) -> list[str]:
+    base = {"batch_id": "b1", "user_id": USER, "active": "60000", "finished": "60000"}
+    base |= {"maxlen": "1000"} | header
+    return [op, base["batch_id"], base["user_id"], base["active"], base["finished"],
+            base["maxlen"], *pairs]  # fmt: skip
+
+
+EVAL_BAD: list[list[str]] = [
+    _argv("start", "total", "5", active="0"),
+    _argv("start", "total", "5", active="-1"),
+    _argv("start", "total", "5", active="1.5"),  # was accepted, then PEXPIRE failed mid-write
+    _argv("start", "total", "5", finished="1e3"),
+    _argv("start", "total", "5", finished="0x10"),
+    _argv("start", "total", "5", finished=""),
+    _argv("start", "total", "5", maxlen="0"),
+    _argv("start", "total", "5", maxlen="2.5"),  # XADD would fail after HSET
+    _argv("start", "total", "5", maxlen="many"),
+    _argv("explode", "total", "5"),
+    _argv("start", "total", "5", batch_id=""),
+    _argv("start", "total", "5", batch_id="x" * 129),
+    _argv("start", "total", "5", user_id=""),
+    _argv("start", "total", "5", user_id="u" * 129),
+    _argv("start"),
+    _argv("start", "total"),
+    _argv("start", "total", "-1"),
+    _argv("start", "total", "1.5"),
+    _argv("start", "total", "abc"),
+    _argv("start", "total", ""),
+    _argv("start", "total", "9007199254740992"),
+    _argv("start", "total", "00000000000000001"),  # 17 digits
+    _argv("start", "total", "5", "label", "x" * 201),
+    _argv("item", "ok", "1"),
+    _argv("item", "item_id", "", "ok", "1"),
+    _argv("item", "item_id", "x" * 513, "ok", "1"),
+    _argv("item", "item_id", "a", "ok", "2"),
+    _argv("item", "item_id", "a", "ok", "true"),
+    _argv("item", "item_id", "a"),
+    _argv("incr", "successful", "-1"),
+    _argv("incr", "failed", "1", "successful", "x"),
+    _argv("set"),
+    _argv("set", "status", "done"),
+    _argv("set", "total", "3", "processed", "-3"),
+    _argv("finish"),
+    _argv("finish", "status", "pending"),
+]
+
+
+@pytest.mark.parametrize("argv", EVAL_BAD, ids=lambda a: " ".join(a[:1] + a[3:])[:40])
+def test_script_refuses_bad_argv_with_badarg(
+    redis_client: redis.Redis, prefix: str, argv: list[str]
+) -> None:
+    keys = KeySpace(prefix)
+    emitter = Emitter(redis_client, prefix=prefix)
+    emitter.start("b1", USER, 10, label="L")
+    emitter.item("b1", USER, "a")
+    em = Em(emitter, redis_client, keys)
+    before = em.snapshot("b1")
+    with pytest.raises(redis.ResponseError, match=r"^BADARG "):
+        _eval(redis_client, keys, argv)
+    assert em.snapshot("b1") == before
+
+
+def test_script_called_directly(redis_client: redis.Redis, prefix: str) -> None:
+    keys = KeySpace(prefix)
+    reply = _eval(redis_client, keys, _argv("start", "total", "3", "label", "From Go"))
+    flat = [x.decode() for x in reply]
+    state = state_from_fields(dict(zip(flat[::2], flat[1::2], strict=True)))
+    assert counters(state) == ("pending", 3, 0, 0, 0)
+    assert state.label == "From Go"
+    sha = redis_client.script_load(SCRIPT)
+    argv = _argv("item", "item_id", "a", "ok", "0")
+    reply = redis_client.evalsha(sha, 4, *keys.op_keys("b1", USER), *argv)
+    assert dict(zip(reply[::2], reply[1::2], strict=True))[b"failed"] == b"1"
+    with pytest.raises(redis.ResponseError, match=r"^WRONGUSER "):
+        _eval(redis_client, keys, _argv("incr", "successful", "1", user_id=OTHER))
+    assert redis_client.hget(keys.batch("b1"), "seq") == b"2"
+
+
+# --------------------------------------------------------------------------------------------
+# Layout, reads, retention
+
+
+async def test_shards_route_batches_to_their_stream(make_em: MakeEm) -> None:
+    em = make_em(shards=4)
+    batch_ids = [f"batch-{i}" for i in range(24)]
+    for batch_id in batch_ids:
+        await em.run("start", batch_id, USER, 1)
+    shards = {em.keys.shard_of(b) for b in batch_ids}
+    assert len(shards) > 1
+    for shard in range(4):
+        entries: Any = em.r.xrange(em.keys.stream(shard))
+        got = sorted(state_from_fields(f).batch_id for _, f in entries)
+        assert got == sorted(b for b in batch_ids if em.keys.shard_of(b) == shard)
+    for batch_id in batch_ids:
+        assert em.r.exists(em.keys.batch(batch_id))
+        assert em.keys.batch(batch_id).startswith(em.keys.tag(em.keys.shard_of(batch_id)))
+    found = await em.call("batches_for", USER)
+    assert sorted(s.batch_id for s in found) == sorted(batch_ids)
+
+
+async def test_get_and_batches_for(make_em: MakeEm) -> None:
+    em = make_em(shards=2)
+    short = make_em(shards=2, active_s=1, finished_s=1)
+    assert await em.call("get", "nope") is None
+    assert await em.call("batches_for", USER) == []
+    mine = []
+    for i in range(5):
+        mine.append(await em.run("start", f"mine-{i}", USER, 10, label=f"#{i}"))
+    theirs = await em.run("item", "theirs", OTHER, "x")
+    await em.run("finish", "mine-1", USER)  # recently finished ones are listed too
+    fleeting = await short.run("start", "fleeting", USER, 1)
+    assert await em.call("get", "theirs") == theirs
+    got = await em.call("batches_for", USER)
+    assert {s.batch_id for s in got} == {s.batch_id for s in mine} | {"fleeting"}
+    assert got == sorted(got, key=lambda s: (s.started_at, s.batch_id))
+    assert all(s.user_id == USER for s in got)
+    assert fleeting in got
+    assert await em.call("batches_for", OTHER) == [theirs]
+    assert await em.call("batches_for", "nobody") == []
+
+    async def gone() -> bool:
+        states = await em.call("batches_for", USER)
+        return "fleeting" not in {s.batch_id for s in states}
+
+    await poll(gone)
+    assert await em.call("get", "fleeting") is None
+    assert len(await em.call("batches_for", USER)) == 5
+
+
+async def test_keys_expire(make_em: MakeEm) -> None:
+    em = make_em(active_s=1, finished_s=1)
+    await em.run("start", "b1", USER, 10)
+    await em.run("item", "b1", USER, "a")
+    shard = em.keys.shard_of("b1")
+    keys = [em.keys.batch("b1"), em.keys.items("b1"), em.keys.user_index(shard, USER)]
+    for key in keys:
+        assert 0 < em.r.pttl(key) <= 1000, key
+    await poll(lambda: em.r.exists(*keys) == 0)
+    assert await em.call("get", "b1") is None
+    assert await em.call("batches_for", USER) == []
+
+
+async def test_finished_batches_expire_sooner(make_em: MakeEm) -> None:
+    em = make_em(active_s=60, finished_s=1)
+    await em.run("item", "b1", USER, "a")
+    for key in (em.keys.batch("b1"), em.keys.items("b1")):
+        assert 1000 < em.r.pttl(key) <= 60_000
+    await em.run("finish", "b1", USER, "failed")
+    for key in (em.keys.batch("b1"), em.keys.items("b1")):
+        assert 0 < em.r.pttl(key) <= 1000
+    index = em.keys.user_index(em.keys.shard_of("b1"), USER)
+    assert 0 < em.r.pttl(index) <= 60_000  # the index outlives every batch it lists
+
+
+async def test_stream_is_capped(make_em: MakeEm) -> None:
+    em = make_em(stream_maxlen=100)
+    for i in range(2_000):
+        await em.run("incr", f"b{i % 7}", USER, successful=1)
+    assert 100 <= em.xlen("b0") < 500
+
+
+# --------------------------------------------------------------------------------------------
+# Redis outages
+
+
+def _dead_clients() -> tuple[redis.Redis, redis.asyncio.Redis]:
+    """Clients pointing at a port nobody listens on (no retries: each op fails fast)."""
+    port = free_port()
+    opts: dict[str, Any] = {"port": port, "socket_connect_timeout": 0.5}
+    return (
+        redis.Redis(**opts, retry=Retry(NoBackoff(), 0)),
+        redis.asyncio.Redis(**opts, retry=AsyncRetry(NoBackoff(), 0)),
+    )
+
+
+ALL_OPS: list[Call] = [
+    ("start", (3,), {}),
+    ("item", ("a",), {}),
+    ("incr", (), {"successful": 1}),
+    ("set", (), {"total": 4}),
+    ("finish", (), {}),
+]
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_best_effort_swallows_outages(kind: str) -> None:
+    sync_client, async_client = _dead_clients()
+    try:
+        client = sync_client if kind == "sync" else async_client
+        lenient = Em(_emitter(client, best_effort=True), sync_client, KeySpace())
+        strict = Em(_emitter(client, best_effort=False), sync_client, KeySpace())
+        for op, args, kwargs in ALL_OPS:
+            with structlog.testing.capture_logs() as logs:
+                assert await lenient.call(op, "b1", USER, *args, **kwargs) is None
+            warnings = [e for e in logs if e["log_level"] == "warning"]
+            assert len(warnings) == 1, logs
+            assert (warnings[0]["op"], warnings[0]["batch_id"]) == (op, "b1")
+            with pytest.raises(RedisUnavailable):
+                await strict.call(op, "b1", USER, *args, **kwargs)
+        # refusals are never swallowed
+        with pytest.raises(BadArgument):
+            await lenient.call("incr", "b1", USER, successful=-1)
+        with pytest.raises(BadArgument):
+            await lenient.call("finish", "b1", USER, "processing")
+    finally:
+        sync_client.close()
+        await async_client.aclose()
+
+
+def _emitter(client: redis.Redis | redis.asyncio.Redis, **kwargs: Any) -> Emitter | AsyncEmitter:
+    if isinstance(client, redis.asyncio.Redis):
+        return AsyncEmitter(client, **kwargs)
+    return Emitter(client, **kwargs)
+
+
+async def test_best_effort_does_not_swallow_refusals(make_em: MakeEm) -> None:
+    em = make_em(best_effort=True)
+    await em.run("start", "b1", USER, 3)
+    with pytest.raises(WrongUser):
+        await em.call("item", "b1", OTHER, "a")
+    await em.run("set", "b1", USER, processed=MAX_COUNT)
+    with pytest.raises(BadArgument, match="overflow"):
+        await em.call("item", "b1", USER, "a")
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_best_effort_survives_a_redis_crash(
+    kind: str, redis_server_factory: Callable[..., RedisServer]
+) -> None:
+    server = redis_server_factory()
+    sync_client = redis.Redis.from_url(
+        server.url, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0)
+    )
+    async_client = redis.asyncio.Redis.from_url(
+        server.url, socket_connect_timeout=0.5, retry=AsyncRetry(NoBackoff(), 0)
+    )
+    try:
+        client = sync_client if kind == "sync" else async_client
+        em = Em(_emitter(client, best_effort=True), sync_client, KeySpace())
+        assert (await em.run("item", "b1", USER, "a")).processed == 1
+        server.kill()
+        with structlog.testing.capture_logs() as logs:
+            assert await em.call("item", "b1", USER, "b") is None
+        assert [e["event"] for e in logs] == ["progress_report_failed"]
+        server.restart()  # no persistence: the batch starts over
+        await poll(lambda: em.call("item", "b1", USER, "c"))
+        assert (await em.run("get", "b1")).processed == 1
+    finally:
+        sync_client.close()
+        await async_client.aclose()
+
+
+# --------------------------------------------------------------------------------------------
+# Concurrency: nothing lost, nothing doubled
+
+
+@pytest.mark.timeout(30)
+async def test_concurrent_async_reports_are_exact(aredis: redis.asyncio.Redis, prefix: str) -> None:
+    emitter = AsyncEmitter(aredis, prefix=prefix)
+    items, tasks = 2_000, 50
+    await emitter.start("b1", USER, items)
+    flaky = {i for i in range(items) if i % 10 == 3}  # 10%: reported failed, then ok
+    plans: list[list[tuple[str, bool]]] = [[] for _ in range(tasks)]
+    for i in range(items):
+        if i in flaky:  # ordered: both reports from one task
+            plans[i % tasks] += [(f"item-{i}", False), (f"item-{i}", True)]
+        else:  # the same outcome twice, from two different tasks
+            plans[i % tasks].append((f"item-{i}", True))
+            plans[(i + tasks // 2) % tasks].append((f"item-{i}", True))
+
+    async def worker(plan: list[tuple[str, bool]]) -> None:
+        for item_id, ok in plan:
+            await emitter.item("b1", USER, item_id, ok=ok)
+
+    await asyncio.gather(*(worker(p) for p in plans))
+    state = await emitter.get("b1")
+    assert state is not None
+    assert counters(state) == ("completed", items, items, items, 0)
+    assert state.seq == 1 + items + len(flaky)  # start, first reports, flips: nothing else
+    stream = KeySpace(prefix).stream(0)
+    assert await aredis.xlen(stream) == state.seq
+    entries: Any = await aredis.xrange(stream)
+    seqs = [int(f[b"seq"]) for _, f in entries]
+    assert seqs == list(range(1, state.seq + 1))
+
+
+def _process_worker(url: str, prefix: str, worker: int, go: Any) -> None:
+    """Runs in a spawned process: items [250w, 250w + 500) mod 1000, plus 50 incr(1)."""
+    client = redis.Redis.from_url(url)
+    emitter = Emitter(client, prefix=prefix)
+    go.wait(10)
+    for n in range(500):
+        i = (250 * worker + n) % 1000
+        emitter.item("b1", USER, f"item-{i}", ok=i % 10 != 0)
+        if n % 10 == 0:
+            emitter.incr("b1", USER, successful=1)
+    client.close()
+
+
+@pytest.mark.timeout(60)
+def test_concurrent_processes_report_exactly(
+    redis_url: str, redis_client: redis.Redis, prefix: str
+) -> None:
+    Emitter(redis_client, prefix=prefix).start("b1", USER, 2_000)
+    ctx = multiprocessing.get_context("spawn")
+    go = ctx.Event()
+    procs = [ctx.Process(target=_process_worker, args=(redis_url, prefix, w, go)) for w in range(4)]
+    for p in procs:
+        p.start()
+    go.set()
+    for p in procs:
+        p.join(45)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    state = Emitter(redis_client, prefix=prefix).get("b1")
+    assert state is not None
+    # every item reported by two processes; 10% failed; 4 x 50 incr(successful=1)
+    assert counters(state) == ("processing", 2_000, 1_200, 1_100, 100)
+    assert state.seq == 1 + 1_000 + 200
+    assert redis_client.xlen(KeySpace(prefix).stream(0)) == state.seq
+
+
+# --------------------------------------------------------------------------------------------
+# Property: random op sequences against a tiny reference model
+
+
+@dataclass
+class Model:
+    """The rules of docs/PROTOCOL.md for one batch, in plain Python."""
+
+    exists: bool = False
+    status: str = "pending"
+    total: int = 0
+    processed: int = 0
+    successful: int = 0
+    failed: int = 0
+    label: str | None = None
+    seq: int = 0
+    items: dict[str, bool] = field(default_factory=dict)
+
+    def apply(self, op: str, kw: dict[str, Any]) -> bool:
+        """Apply one op; True when it changed the batch. Raises BadArgument like the script."""
+        if any(isinstance(v, int) and v < 0 for v in kw.values()):
+            raise BadArgument("negative")
+        if (op == "set" and not kw) or (op == "finish" and kw["status"] not in TERMINAL):
+            raise BadArgument(op)
+        new = replace(self, items=dict(self.items))
+        explicit = False
+        if op == "start":
+            new.total = kw["total"]
+            if kw.get("label") is not None:
+                new.label = kw["label"] or None
+        elif op == "item":
+            prev, ok = self.items.get(kw["item_id"]), kw["ok"]
+            if prev is not ok:
+                if prev is None:
+                    new.processed += 1
+                elif prev:  # moved out of successful (counted anew if a set zeroed it)
+                    new.successful, new.processed = _take(new.successful, new.processed)
+                else:
+                    new.failed, new.processed = _take(new.failed, new.processed)
+                new.successful += ok
+                new.failed += not ok
+                new.items[kw["item_id"]] = ok
+        elif op == "incr":
+            new.successful += kw.get("successful", 0)
+            new.failed += kw.get("failed", 0)
+            new.processed += kw.get("successful", 0) + kw.get("failed", 0)
+        elif op == "set":
+            for name in ("total", "processed", "successful", "failed"):
+                if name in kw:
+                    setattr(new, name, kw[name])
+            if "processed" not in kw and ("successful" in kw or "failed" in kw):
+                new.processed = new.successful + new.failed
+            if "status" in kw:
+                new.status, explicit = kw["status"], True
+        else:
+            new.status, explicit = kw["status"], True
+        if not explicit and new.status not in TERMINAL:
+            if new.status == "pending" and new.processed > 0:
+                new.status = "processing"
+            if 0 < new.total <= new.processed:
+                new.status = "completed"
+        new.exists = True
+        changed = new != self
+        if changed:
+            new.seq += 1
+            self.__dict__.update(new.__dict__)
+        return changed
+
+
+def _take(bucket: int, processed: int) -> tuple[int, int]:
+    return (bucket - 1, processed) if bucket > 0 else (0, processed + 1)
+
+
+_small = st.integers(0, 6)  # small values: totals get reached
+_tiny = st.integers(0, 2)  # set's counters often land below the items they hold
+_item = st.tuples(
+    st.just("item"),
+    st.fixed_dictionaries({"item_id": st.sampled_from(["i0", "i1", "i2"]), "ok": st.booleans()}),
+)
+OPS = st.one_of(
+    _item,
+    _item,  # twice as likely as the other ops: repeats and flips are the interesting part
+    st.tuples(
+        st.just("start"),
+        st.fixed_dictionaries({"total": _small, "label": st.sampled_from([None, "", "a", "b"])}),
+    ),
+    st.tuples(
+        st.just("incr"),
+        st.fixed_dictionaries(
+            {}, optional={"successful": st.integers(0, 3), "failed": st.integers(0, 3)}
+        ),
+    ),
+    st.tuples(
+        st.just("set"),
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "total": _small,
+                "processed": _small,
+                "successful": _tiny,
+                "failed": _tiny,
+                "status": st.sampled_from(sorted(STATUSES)),
+            },
+        ),
+    ),
+    st.tuples(
+        st.just("finish"), st.fixed_dictionaries({"status": st.sampled_from(sorted(TERMINAL))})
+    ),
+    st.sampled_from(  # refused: nothing may change
+        [
+            ("incr", {"successful": -1}),
+            ("start", {"total": -2}),
+            ("set", {"failed": -1, "status": "pending"}),
+            ("finish", {"status": "pending"}),
+        ]
+    ),
+)
+
+
+@settings(
+    max_examples=50,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(ops=st.lists(OPS, min_size=5, max_size=40))
+@example(  # a set lowered successful below the items it holds, then one of them flips
+    ops=[
+        ("item", {"item_id": "i0", "ok": True}),
+        ("set", {"successful": 0}),
+        ("item", {"item_id": "i0", "ok": False}),
+    ]
+)
+def test_random_op_sequences_follow_the_model(
+    redis_client: redis.Redis, prefix: str, ops: list[tuple[str, dict[str, Any]]]
+) -> None:
+    emitter = Emitter(redis_client, prefix=prefix)
+    keys = KeySpace(prefix)
+    batch_id = uuid.uuid4().hex  # fresh batch per example (the fixtures are per test)
+    model = Model()
+    explicit_processed = False
+    prev: BatchState | None = None
+    for op, kw in ops:
+        where = f"{op}({kw}) after {model}"
+        before = redis_client.xlen(keys.stream(0))
+        try:
+            changed = model.apply(op, kw)
+        except BadArgument:
+            with pytest.raises(BadArgument):
+                getattr(emitter, op)(batch_id, USER, **kw)
+            assert emitter.get(batch_id) == prev, where
+            assert redis_client.xlen(keys.stream(0)) == before, where
+            continue
+        state = getattr(emitter, op)(batch_id, USER, **kw)
+        assert isinstance(state, BatchState)
+        explicit_processed |= op == "set" and "processed" in kw
+        assert redis_client.xlen(keys.stream(0)) == before + changed, where
+        assert min(state.total, state.processed, state.successful, state.failed) >= 0
+        if not explicit_processed:
+            assert state.processed == state.successful + state.failed, where
+        if prev is not None:
+            assert state.seq == prev.seq + changed, where
+            assert state.started_at == prev.started_at
+            assert state.updated_at >= prev.updated_at
+        expected = (model.status, model.total, model.processed, model.successful, model.failed)
+        assert counters(state) == expected, where
+        assert (state.seq, state.label) == (model.seq, model.label), where
+        prev = state
+    assert emitter.get(batch_id) == prev
