@@ -82,10 +82,12 @@ async def test_users_are_isolated_and_all_connections_receive(
     await em.start(bz, "zed", 1)
     await em.item(ba, "ann", "x")
     await em.item(bz, "zed", "x")
+
+    def completed(batch_id: str) -> Callable[[dict[str, Any]], bool]:
+        return lambda f: (p := progress(f, batch_id)) is not None and p["status"] == "completed"
+
     for ws, mine, other in ((a1, ba, bz), (a2, ba, bz), (z, bz, ba)):
-        frames = await collect_until(
-            ws, lambda f, m=mine: (p := progress(f, m)) is not None and p["status"] == "completed"
-        )
+        frames = await collect_until(ws, completed(mine))
         assert all(progress(f, other) is None for f in frames)
     await asyncio.gather(a1.close(), a2.close(), z.close())
 
@@ -131,7 +133,7 @@ async def test_ping_pong(relay_factory: Factory) -> None:
     relay: Relay = await relay_factory(fanout={"heartbeat_s": 0.2})
     ws = await open_client(relay, "pat")
     await ws.send(json.dumps({"action": "ping"}))
-    got = set()
+    got: set[str] = set()
     while got != {"ping", "pong"}:
         got.add((await recv_json(ws))["action"])
     await ws.send(json.dumps({"action": "pong"}))
