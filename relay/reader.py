@@ -14,13 +14,12 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
-import redis
 import structlog
 
 from relay.errors import BadEntry
 from relay.keys import KeySpace
 from relay.metrics import Metrics
-from relay.redis_client import AsyncClient
+from relay.redis_client import REDIS_ERRORS, AsyncClient
 from relay.wire import BatchState, state_from_fields
 
 log = structlog.get_logger("relay.reader")
@@ -40,7 +39,7 @@ class StreamReader:
         on_state: Callable[[BatchState], None],
         metrics: Metrics,
         *,
-        on_gap: Callable[..., None] | None = None,
+        on_gap: Callable[[int], None] | None = None,
     ) -> None:
         self._redis = client
         self._keys = keys
@@ -49,16 +48,21 @@ class StreamReader:
         self._metrics = metrics
         self.last_ids: dict[int, bytes] = {}
         self._healthy = [False] * keys.shards
+        self._running = False
         self._logged: dict[str, float] = {}
 
     @property
     def healthy(self) -> bool:
-        """True while every shard's last call to Redis succeeded."""
-        return all(self._healthy)
+        """True while the reader runs and every shard's last call to Redis succeeded."""
+        return self._running and all(self._healthy)
 
     async def run(self) -> None:
         """Read all shards until cancelled."""
-        await asyncio.gather(*(self._read_shard(s) for s in range(self._keys.shards)))
+        self._running = True
+        try:
+            await asyncio.gather(*(self._read_shard(s) for s in range(self._keys.shards)))
+        finally:
+            self._running = False
 
     async def _tail_id(self, stream: str) -> bytes:
         last: Any = await self._redis.xrevrange(stream, count=1)
@@ -84,7 +88,7 @@ class StreamReader:
                     self._consume(shard, entries)
             except asyncio.CancelledError:
                 raise
-            except (redis.RedisError, OSError) as e:
+            except REDIS_ERRORS as e:
                 self._healthy[shard] = False
                 failures += 1
                 self._metrics.redis_reconnects.inc()
@@ -102,12 +106,14 @@ class StreamReader:
         reset = _id_tuple(tail) < _id_tuple(last)
         trimmed = bool(first) and _id_tuple(first[0][0]) > _id_tuple(last) and last != b"0-0"
         if reset or trimmed:
+            # A stream whose first entry is newer than our position may be a trim or a Redis
+            # that lost its data and has been written to since: the fan-out treats both alike.
             self._metrics.stream_gaps.inc()
             log.warning("stream_gap", shard=shard, reset=reset, trimmed=trimmed)
             if reset:
                 self.last_ids[shard] = b"0-0"
             if self._on_gap is not None:
-                self._on_gap(shard, reset=reset)
+                self._on_gap(shard)
 
     def _consume(self, shard: int, entries: list[tuple[bytes, dict[Any, Any]]]) -> None:
         self._metrics.entries_read.inc(len(entries))

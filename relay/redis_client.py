@@ -13,6 +13,13 @@ from redis.backoff import NoBackoff
 
 from relay.config import RedisConfig
 
+# Everything a Redis outage can raise: cluster errors do not derive from RedisError.
+REDIS_ERRORS: tuple[type[Exception], ...] = (
+    redis.RedisError,
+    redis.exceptions.RedisClusterException,
+    OSError,
+)
+
 AsyncClient = redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster
 SyncClient = redis.Redis | redis.cluster.RedisCluster
 

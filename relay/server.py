@@ -11,12 +11,12 @@ import asyncio
 import json
 import signal
 import time
+import weakref
 from collections.abc import Callable, Coroutine, Mapping
 from http import HTTPStatus
 from typing import Any, Final, TypeAlias
 from urllib.parse import parse_qs
 
-import redis
 import structlog
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
@@ -30,7 +30,7 @@ from relay.errors import AuthFailed
 from relay.keys import KeySpace
 from relay.metrics import CONTENT_TYPE, Metrics
 from relay.reader import BLOCK_MS, StreamReader
-from relay.redis_client import AsyncClient, async_client
+from relay.redis_client import REDIS_ERRORS, AsyncClient, async_client
 from relay.session import SERVICE_RESTART, TOO_SLOW, Session
 from relay.wire import PING_TEXT, BatchState
 
@@ -38,6 +38,8 @@ log = structlog.get_logger("relay.server")
 
 SWEEP_EVERY_S: Final = 0.25
 READY_PING_TIMEOUT_S: Final = 1.0
+READY_ERRORS: Final[tuple[type[Exception], ...]] = (*REDIS_ERRORS, TimeoutError)
+RESYNC_ATTEMPTS: Final = 5
 
 # An extra HTTP route (e.g. the demo page): a websockets Response, or (status, content_type, body).
 RouteReply: TypeAlias = Response | tuple[int, str, bytes]
@@ -64,7 +66,11 @@ class Relay:
         )
         self.sessions: set[Session] = set()
         self._authenticated = 0
-        self._handshake_claims: dict[ServerConnection, Claims] = {}
+        # Claims of a handshake-authenticated upgrade, until its handler picks them up; weak, so
+        # an upgrade that websockets refuses after process_request leaves nothing behind.
+        self._handshake_claims: weakref.WeakKeyDictionary[ServerConnection, Claims] = (
+            weakref.WeakKeyDictionary()
+        )
         self._server: Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
@@ -77,22 +83,30 @@ class Relay:
         loop_ms = asyncio.get_running_loop().time() * 1000
         self.fanout.publish(state, loop_ms, time.time() * 1000)
 
-    def _on_gap(self, shard: int, *, reset: bool) -> None:
-        """The stream lost entries we had not read (trimmed) or was reset (Redis lost data)."""
-        if reset:
-            self.fanout.forget_seqs()  # seqs restart with the batches Redis recreates
+    def _on_gap(self, shard: int) -> None:
+        """The stream lost entries we had not read: it was trimmed past us, or Redis lost its
+        data and batches restart at seq 1. Either way, accept any seq again and re-read every
+        connected user's batches from their hashes."""
+        self.fanout.forget_seqs()
         self.spawn(self._resync())
 
     async def _resync(self) -> None:
-        """Re-read every connected user's batches from their hashes and publish them."""
-        for user_id in self.fanout.user_ids():
-            try:
-                states = await self.store.batches_for(user_id)
-            except redis.RedisError as e:
-                log.warning("resync_failed", user_id=user_id, error=repr(e))
-                continue
-            for state in states:
-                self._on_state(state)
+        users = self.fanout.user_ids()
+        for attempt in range(RESYNC_ATTEMPTS):
+            failed: list[str] = []
+            for user_id in users:
+                try:
+                    states = await self.store.batches_for(user_id)
+                except REDIS_ERRORS as e:
+                    log.warning("resync_failed", user_id=user_id, error=repr(e), attempt=attempt)
+                    failed.append(user_id)
+                    continue
+                for state in states:
+                    self._on_state(state)
+            if not failed:
+                return
+            users = failed
+            await asyncio.sleep(0.2 * 2**attempt)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run a background task that is kept referenced until it ends."""
@@ -102,14 +116,17 @@ class Relay:
 
     def track(self, session: Session, *, authenticated: bool) -> None:
         if authenticated:
-            self._authenticated += 1
+            if not session.counted:
+                session.counted = True
+                self._authenticated += 1
         else:
             self.sessions.add(session)
         self._update_gauges()
 
     def untrack(self, session: Session) -> None:
         self.sessions.discard(session)
-        if session.user_id is not None:
+        if session.counted:
+            session.counted = False
             self._authenticated -= 1
         self._update_gauges()
 
@@ -160,7 +177,9 @@ class Relay:
             return
         self._stopping.set()
         log.info("relay_stopping", connections=len(self.sessions))
+        loop = asyncio.get_running_loop()
         timeout = self.config.lifecycle.shutdown_timeout_s
+        deadline = loop.time() + timeout  # one budget for the whole shutdown
         if self._server is not None:
             self._server.close(close_connections=False)
         sessions = list(self.sessions)
@@ -176,7 +195,7 @@ class Relay:
                 task.cancel()
         if self._server is not None:
             try:
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout_at(max(loop.time() + 0.1, deadline)):
                     await self._server.wait_closed()
             except TimeoutError:
                 log.warning("handlers_still_running_at_shutdown")
@@ -209,15 +228,7 @@ class Relay:
             route = self.routes.get(path)
             if route is None:
                 return conn.respond(HTTPStatus.NOT_FOUND, "not found\n")
-            reply = route(request)
-            if isinstance(reply, Response):
-                return reply
-            status, content_type, body = reply
-            response = _response(conn, HTTPStatus(status), "", content_type)
-            del response.headers["Content-Length"]
-            response.headers["Content-Length"] = str(len(body))
-            response.body = body
-            return response
+            return _route_response(conn, route(request))
         if self._stopping.is_set():
             return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "shutting down\n")
         server_cfg = self.config.server
@@ -249,7 +260,7 @@ class Relay:
         try:
             async with asyncio.timeout(READY_PING_TIMEOUT_S):
                 await self._redis.ping()
-        except (redis.RedisError, OSError, TimeoutError) as e:
+        except READY_ERRORS as e:
             return False, f"redis unreachable: {type(e).__name__}"
         if not self.reader.healthy:
             return False, "stream reader is not running"
@@ -306,4 +317,15 @@ def _response(conn: ServerConnection, status: HTTPStatus, body: str, content_typ
     response = conn.respond(status, body)
     del response.headers["Content-Type"]
     response.headers["Content-Type"] = content_type
+    return response
+
+
+def _route_response(conn: ServerConnection, reply: RouteReply) -> Response:
+    if isinstance(reply, Response):
+        return reply
+    status, content_type, body = reply
+    response = _response(conn, HTTPStatus(status), "", content_type)
+    del response.headers["Content-Length"]
+    response.headers["Content-Length"] = str(len(body))
+    response.body = body
     return response

@@ -12,7 +12,6 @@ import itertools
 import time
 from typing import TYPE_CHECKING, Final
 
-import redis
 import structlog
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
@@ -21,6 +20,7 @@ from relay.auth import Claims
 from relay.core.delivery import Outbox
 from relay.errors import AuthFailed
 from relay.metrics import Metrics
+from relay.redis_client import REDIS_ERRORS
 from relay.wire import (
     PONG_TEXT,
     AuthError,
@@ -65,6 +65,7 @@ class Session:
         self.outbox = Outbox(relay.config.fanout.min_interval_ms)
         self.write_started: float | None = None  # monotonic s when the current write began
         self.closing = False
+        self.counted = False  # counted as authenticated by the relay
         self._wake = asyncio.Event()
         self._expiry: asyncio.TimerHandle | None = None
         self._opened = time.monotonic()
@@ -104,7 +105,7 @@ class Session:
             self._schedule_expiry(claims)
             try:
                 states = await self.relay.store.batches_for(claims.user_id)
-            except redis.RedisError as e:
+            except REDIS_ERRORS as e:
                 log.warning("snapshot_failed", error=repr(e))
                 await self.close(TRY_AGAIN_LATER, "snapshot unavailable, retry later")
                 return

@@ -173,3 +173,18 @@ async def test_disallowed_origin_is_403(relay_factory: Factory) -> None:
     assert info.value.response.status_code == 403
     ok = await connect(ws_url(relay), origin="https://app.example")  # type: ignore[arg-type]
     await ok.close()
+
+
+async def test_refused_connections_do_not_eat_the_unauthenticated_budget(
+    relay_factory: Factory,
+) -> None:
+    relay: Relay = await relay_factory(
+        server={"max_connections_per_user": 1, "max_unauthenticated": 2}
+    )
+    keep = await open_client(relay, "solo")
+    for _ in range(4):
+        extra = await connect(ws_url(relay))
+        await extra.send(json.dumps({"type": "auth", "token": token("solo")}))
+        assert await closed_with(extra) == 4029
+    other = await open_client(relay, "someone-else")  # not refused with 503
+    await asyncio.gather(keep.close(), other.close())
