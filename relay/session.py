@@ -99,9 +99,11 @@ class Session:
             ):
                 await self.close(TOO_MANY_FOR_USER, "too many connections for this user")
                 return
-            await self.ws.send(encode(AuthSuccess(claims.user_id)))
+            # Join before the first await, so that racing connects cannot pass the limit; live
+            # frames wait in the outbox until the snapshot has been offered.
             fanout.join(claims.user_id, self)
             self.relay.track(self, authenticated=True)
+            await self.ws.send(encode(AuthSuccess(claims.user_id)))
             self._schedule_expiry(claims)
             try:
                 states = await self.relay.store.batches_for(claims.user_id)

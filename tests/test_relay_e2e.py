@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio
-from relay_harness import collect_until, open_client, progress, recv_json
+from relay_harness import collect_until, open_client, progress, recv_json, wait_until
 
 from relay.emitter import AsyncEmitter
 from relay.server import Relay
@@ -140,3 +140,38 @@ async def test_ping_pong(relay_factory: Factory) -> None:
     await ws.send(json.dumps({"something": "else"}))
     assert (await recv_json(ws))["action"] in {"ping", "pong"}
     await ws.close()
+
+
+async def test_metrics_after_a_workload(
+    relay_factory: Factory, aredis: redis.asyncio.Redis, prefix: str
+) -> None:
+    relay: Relay = await relay_factory()
+    ws = await open_client(relay, "mia")
+    em = AsyncEmitter(aredis, prefix=prefix)
+    b = bid()
+    await em.start(b, "mia", 2)
+    await em.incr(b, "mia", successful=2)
+    await aredis.xadd(relay.keys.stream(0), {"foreign": "producer"})
+    await collect_until(ws, lambda f: (p := progress(f, b)) is not None and p["processed"] == 2)
+    rejected = 'relay_stream_entries_rejected_total{reason="foreign"} 1.0'
+    await wait_until(lambda: rejected in relay.metrics.render().decode())
+    bad = await open_client(relay)
+    await bad.send("not json")
+    await wait_until(
+        lambda: (
+            'relay_auth_failures_total{reason="bad_format"} 1.0' in relay.metrics.render().decode()
+        )
+    )
+    text = relay.metrics.render().decode()
+    for name in (
+        'relay_connections{state="authenticated"} 1.0',
+        "relay_frames_sent_total",
+        "relay_stream_entries_read_total 3.0",
+        'relay_stream_entries_rejected_total{reason="foreign"} 1.0',
+        "relay_reader_lag_ms",
+        "relay_event_loop_lag_seconds",
+        "relay_slow_consumer_disconnects_total 0.0",
+    ):
+        assert name in text, name
+    await ws.close()
+    await bad.close()
