@@ -37,6 +37,8 @@ from relay.wire import PING_TEXT, BatchState
 log = structlog.get_logger("relay.server")
 
 SWEEP_EVERY_S: Final = 0.25
+PRUNE_EVERY_S: Final = 60.0
+PRUNE_IDLE_MS: Final = 600_000.0  # batches quiet for 10 min leave per-connection memory
 READY_PING_TIMEOUT_S: Final = 1.0
 READY_ERRORS: Final[tuple[type[Exception], ...]] = (*REDIS_ERRORS, TimeoutError)
 RESYNC_ATTEMPTS: Final = 5
@@ -273,9 +275,13 @@ class Relay:
         loop = asyncio.get_running_loop()
         fanout_cfg = self.config.fanout
         expected = loop.time() + SWEEP_EVERY_S
+        next_prune = loop.time() + PRUNE_EVERY_S
         while True:
             await asyncio.sleep(SWEEP_EVERY_S)
             now = loop.time()
+            if now >= next_prune:
+                next_prune = now + PRUNE_EVERY_S
+                self.fanout.prune(now * 1000, time.time() * 1000, PRUNE_IDLE_MS)
             self.metrics.loop_lag.set(max(0.0, now - expected))
             expected = now + SWEEP_EVERY_S
             for s in list(self.sessions):

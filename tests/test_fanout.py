@@ -319,3 +319,29 @@ def test_forget_seqs_accepts_restarted_batches() -> None:
     assert [(payload(f)["seq"], payload(f)["status"]) for f in frames] == [(1, "processing")]
     fan.publish(st8(seq=2, processed=10, status="completed"), 610.0, WALL)
     assert sub.rec.offers[-1] == ("b1", 2, True)  # trackers forgotten: terminal again
+
+
+def test_prune_forgets_idle_batches_but_keeps_active_ones() -> None:
+    fan = FanOut()
+    sub = FakeSub()
+    fan.join("u1", as_sub(sub))
+    fan.publish(st8("old", seq=1, t=0), now=0.0, wall_ms=WALL)
+    sub.rec.take_due(0.0)
+    fan.publish(st8("new", seq=1, t=590_000), now=590_000.0, wall_ms=WALL + 590_000)
+    sub.rec.take_due(590_000.0)
+    fan.prune(now=601_000.0, wall_ms=1_700_000_601_000.0, idle_ms=600_000.0)
+    room = fan._rooms["u1"]
+    assert set(room.trackers) == {"new"}
+    assert set(sub.rec._slots) == {"new"}
+    # A pruned batch that changes again starts over: its next frame goes at once.
+    assert sub.rec.offer("old", 2, "f", urgent=False, now=601_001.0)
+    assert sub.rec.take_due(601_001.0) == ["f"]
+
+
+def test_prune_keeps_batches_with_a_frame_waiting() -> None:
+    box = Outbox(INTERVAL)
+    box.offer("b", 1, "one", urgent=False, now=0.0)
+    box.take_due(0.0)
+    box.offer("b", 2, "two", urgent=False, now=10.0)  # waits for the trailing edge
+    assert box.prune(now=10_000.0, idle_ms=1.0) == 0
+    assert box.take_due(10_000.0) == ["two"]

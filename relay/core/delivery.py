@@ -89,6 +89,21 @@ class Outbox:
             return float("-inf")
         return min((slot.due for slot in self._queued.values()), default=None)
 
+    def prune(self, now: float, idle_ms: float) -> int:
+        """Forget batches with nothing waiting and nothing sent for `idle_ms`.
+
+        Keeps a long-lived connection's memory bounded by its recently active batches. A pruned
+        batch that changes again simply starts over (its next frame goes at once).
+        """
+        stale = [
+            batch_id
+            for batch_id, slot in self._slots.items()
+            if slot.frame is None and slot.sent_at is not None and slot.sent_at < now - idle_ms
+        ]
+        for batch_id in stale:
+            del self._slots[batch_id]
+        return len(stale)
+
     def forget_seqs(self) -> None:
         """Accept any seq again (the source was reset); throttling state is kept."""
         for slot in self._slots.values():

@@ -69,6 +69,15 @@ class FanOut:
     def user_ids(self) -> list[str]:
         return list(self._rooms)
 
+    def prune(self, now: float, wall_ms: float, idle_ms: float) -> None:
+        """Drop rate trackers and per-connection slots of batches idle for `idle_ms`."""
+        for room in self._rooms.values():
+            stale = [b for b, t in room.trackers.items() if t.last_update_ms < wall_ms - idle_ms]
+            for batch_id in stale:
+                del room.trackers[batch_id]
+            for sub in room.subscribers:
+                sub.outbox.prune(now, idle_ms)
+
     def forget_seqs(self) -> None:
         """After Redis lost its data, batches restart at seq 1: accept them again."""
         for room in self._rooms.values():

@@ -40,6 +40,11 @@ class RateTracker:
                 samples.popleft()
         return self.figures(state)
 
+    @property
+    def last_update_ms(self) -> int:
+        """Redis time of the newest sample (0 before any)."""
+        return self._samples[-1][0] if self._samples else 0
+
     def figures(self, state: BatchState) -> tuple[float | None, float | None]:
         rate = self._rate()
         return rate, eta_seconds(state, rate)
