@@ -20,9 +20,24 @@ class RecordingOutbox(Outbox):
         super().__init__(min_interval_ms)
         self.offers: list[tuple[str, int, bool]] = []
 
-    def offer(self, batch_id: str, seq: int, frame: str, *, urgent: bool, now: float) -> bool:
-        self.offers.append((batch_id, seq, urgent))
-        return super().offer(batch_id, seq, frame, urgent=urgent, now=now)
+    def offer(
+        self,
+        batch_id: str,
+        seq: int,
+        frame: str,
+        *,
+        now: float,
+        urgent: bool = False,
+        terminal: bool = False,
+    ) -> bool:
+        slot = self._slots.get(batch_id)
+        turned = (
+            terminal
+            and not (slot is not None and slot.terminal)
+            and seq > (slot.seq if slot else -1)
+        )
+        self.offers.append((batch_id, seq, urgent or turned))
+        return super().offer(batch_id, seq, frame, now=now, urgent=urgent, terminal=terminal)
 
 
 class FakeSub:
@@ -345,3 +360,16 @@ def test_prune_keeps_batches_with_a_frame_waiting() -> None:
     box.offer("b", 2, "two", urgent=False, now=10.0)  # waits for the trailing edge
     assert box.prune(now=10_000.0, idle_ms=1.0) == 0
     assert box.take_due(10_000.0) == ["two"]
+
+
+def test_terminal_goes_at_once_even_after_another_connections_snapshot_saw_it() -> None:
+    fan = FanOut()
+    old, new = FakeSub(), FakeSub()
+    fan.join("u1", as_sub(old))
+    fan.publish(st8(seq=1, processed=5), now=0.0, wall_ms=WALL)
+    old.rec.take_due(0.0)  # `old` just got a frame: the interval runs until 100
+    fan.join("u1", as_sub(new))
+    done = st8(seq=2, processed=10, status="completed", t=10)
+    fan.snapshot("u1", as_sub(new), [done], now=10.0, wall_ms=WALL + 10)  # hash ahead of stream
+    fan.publish(done, now=20.0, wall_ms=WALL + 20)  # the reader catches up
+    assert len(old.rec.take_due(20.0)) == 1  # at once, not at 100

@@ -124,24 +124,12 @@ def test_older_seq_is_ignored() -> None:
     tracker = RateTracker()
     tracker.observe(state(5, 0, 0))
     tracker.observe(state(6, 1000, 20))
-    # A stale state (lower or equal seq) does not enter the samples nor change `terminal`.
+    # A stale state (lower or equal seq) does not enter the samples.
     rate, eta = tracker.observe(state(4, 500, 900, status="completed"))
     assert rate == 20.0
     assert eta is None  # figures are computed for the state given: terminal
-    assert tracker.terminal is False
     assert tracker.observe(state(6, 9000, 999))[0] == 20.0
     assert len(tracker._samples) == 2
-
-
-def test_terminal_flag_follows_latest_state() -> None:
-    tracker = RateTracker()
-    assert tracker.terminal is False
-    tracker.observe(state(1, 0, 0))
-    assert tracker.terminal is False
-    tracker.observe(state(2, 1000, 500, status="completed"))
-    assert tracker.terminal is True
-    tracker.observe(state(3, 2000, 600, status="failed"))
-    assert tracker.terminal is True
 
 
 def test_eta_is_none_when_terminal() -> None:

@@ -8,7 +8,7 @@ Rules (docs/PROTOCOL.md, "Delivery"):
 - at most one frame per batch per `min_interval_ms`: the first change goes at once (leading
   edge); changes within the interval replace each other (conflation) and the latest goes when
   the interval ends (trailing edge);
-- a batch's first terminal state goes at once (`urgent`);
+- a batch's turn to a terminal state goes at once;
 - a slow connection that has not taken its frames yet keeps only the latest frame per batch.
 Control frames (ping) are queued in order and always due.
 """
@@ -25,6 +25,7 @@ class _Slot:
     sent_at: float | None = None  # when the last frame of this batch was taken (ms)
     frame: str | None = None  # waiting frame, if any
     due: float = 0.0  # when the waiting frame may go (ms)
+    terminal: bool = False  # is the latest accepted state terminal
 
 
 class Outbox:
@@ -38,8 +39,19 @@ class Outbox:
         self.pending_bytes = 0  # size of the frames waiting here
         self.merged = 0  # frames replaced by a newer one before they were taken
 
-    def offer(self, batch_id: str, seq: int, frame: str, *, urgent: bool, now: float) -> bool:
-        """Accept a frame; `urgent` (a batch turning terminal) skips the interval.
+    def offer(
+        self,
+        batch_id: str,
+        seq: int,
+        frame: str,
+        *,
+        now: float,
+        urgent: bool = False,
+        terminal: bool = False,
+    ) -> bool:
+        """Accept a frame. It skips the interval when `urgent`, or when it is `terminal` and
+        the last state this connection accepted for the batch was not (the batch's turn to a
+        terminal status goes at once, whatever other connections of the user saw).
 
         Returns True when the writer must look again: the frame is due now, or a new
         deadline appeared. A frame merged into one already waiting needs no wake-up.
@@ -50,6 +62,8 @@ class Outbox:
         if seq <= slot.seq:
             return False
         slot.seq = seq
+        urgent = urgent or (terminal and not slot.terminal)
+        slot.terminal = terminal
         merged = slot.frame is not None
         if slot.frame is not None:
             self.merged += 1

@@ -30,14 +30,13 @@ class _Room:
         self.subscribers: list[Subscriber] = []
         self.trackers: dict[str, RateTracker] = {}
 
-    def frame(self, state: BatchState, wall_ms: float) -> tuple[str, bool]:
-        """Encode the state's frame once; urgent when the batch just turned terminal."""
+    def frame(self, state: BatchState, wall_ms: float) -> str:
+        """Encode the state's frame once (with the batch's rate and ETA)."""
         tracker = self.trackers.get(state.batch_id)
         if tracker is None:
             tracker = self.trackers[state.batch_id] = RateTracker()
-        urgent = state.terminal and not tracker.terminal
         rate, eta = tracker.observe(state)
-        return progress_frame(state, rate=rate, eta_seconds=eta, now_ms=wall_ms), urgent
+        return progress_frame(state, rate=rate, eta_seconds=eta, now_ms=wall_ms)
 
 
 class FanOut:
@@ -90,10 +89,11 @@ class FanOut:
         room = self._rooms.get(state.user_id)
         if room is None:
             return
-        frame, urgent = room.frame(state, wall_ms)
+        frame = room.frame(state, wall_ms)
+        terminal = state.terminal
         self.frames_built += 1
         for sub in room.subscribers:
-            if sub.outbox.offer(state.batch_id, state.seq, frame, urgent=urgent, now=now):
+            if sub.outbox.offer(state.batch_id, state.seq, frame, terminal=terminal, now=now):
                 sub.wake()
 
     def snapshot(
@@ -104,6 +104,8 @@ class FanOut:
         if room is None:
             return
         for state in states:
-            frame, _ = room.frame(state, wall_ms)
-            sub.outbox.offer(state.batch_id, state.seq, frame, urgent=True, now=now)
+            frame = room.frame(state, wall_ms)
+            sub.outbox.offer(
+                state.batch_id, state.seq, frame, urgent=True, terminal=state.terminal, now=now
+            )
         sub.wake()

@@ -14,18 +14,16 @@ MAX_SAMPLES: Final = 32
 class RateTracker:
     """Items per second over recent updates of one batch; None until two updates are known."""
 
-    __slots__ = ("_samples", "_seq", "terminal")
+    __slots__ = ("_samples", "_seq")
 
     def __init__(self) -> None:
         self._samples: deque[tuple[int, int]] = deque(maxlen=MAX_SAMPLES)
         self._seq = -1
-        self.terminal = False  # is the latest state seen terminal
 
     def observe(self, state: BatchState) -> tuple[float | None, float | None]:
         """Record a state (older seqs are ignored) and return (rate, eta_seconds)."""
         if state.seq > self._seq:
             self._seq = state.seq
-            self.terminal = state.terminal
             samples = self._samples
             if samples and (state.processed < samples[-1][1] or state.updated_at < samples[-1][0]):
                 samples.clear()  # counters were reset by `set`: history says nothing any more
