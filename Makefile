@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo run test lint bench clean
+.PHONY: demo run test lint bench screenshot clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ test: lint
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/emit.py
+
+# refresh the README's screenshot with the browser test (needs /usr/bin/chromium)
+screenshot: $(BIN)/.installed
+	DEMO_SCREENSHOT=docs/demo.png $(BIN)/pytest -q -rs -p no:cacheprovider tests/test_browser.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
