@@ -49,6 +49,7 @@ class ServerConfig(_Section, frozen=True):
     max_connections: Positive = 10_000
     max_connections_per_user: Positive = 20
     max_unauthenticated: Positive = 2_000
+    handshake_timeout_s: Seconds = 10.0
 
 
 class AuthConfig(_Section, frozen=True):
@@ -69,6 +70,7 @@ class FanoutConfig(_Section, frozen=True):
     max_buffer_bytes: Annotated[int, Meta(ge=1024)] = 1_048_576
     write_timeout_s: Seconds = 10.0
     max_message_bytes: Annotated[int, Meta(ge=256)] = 4096
+    max_client_messages_per_s: Seconds = 20.0
 
 
 class RetentionConfig(_Section, frozen=True):

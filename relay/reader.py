@@ -4,6 +4,16 @@ One task per shard (the same code on a single Redis and on Redis Cluster, where 
 different nodes). It never stops on a bad entry (skipped, counted, logged once per reason per
 minute) and never stops on a Redis error: it backs off, reconnects and resumes from the last id
 it processed.
+
+Gaps. Besides its position (the last entry id it processed) the reader keeps a count: how many
+entries were ever added to the stream up to that position, as far as it knows (XINFO STREAM's
+`entries-added` when it started, plus every entry it read since). Redis 7 counts every XADD in
+`entries-added`, so comparing the two tells whether entries the reader never saw have left the
+stream (trimmed past it while it was behind or stalled, or deleted), or whether the stream is a
+new one (Redis lost its data). The reader checks after every reconnect, after an empty or a full
+XREAD reply, and at least every GAP_CHECK_EVERY_S while entries flow. A lost entry keeps the
+count short until it is noticed, so a check that cannot decide (the reader is behind and the
+trim has not reached it) only delays detection to the next one.
 """
 
 from __future__ import annotations
@@ -12,8 +22,10 @@ import asyncio
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Final
 
+import redis
 import structlog
 
 from relay.errors import BadEntry
@@ -29,6 +41,31 @@ COUNT: Final = 1_000
 BACKOFF_BASE_S: Final = 0.1
 BACKOFF_CAP_S: Final = 3.0
 REJECT_LOG_EVERY_S: Final = 60.0
+GAP_CHECK_EVERY_S: Final = 1.0
+
+EntryId = tuple[int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamInfo:
+    """The parts of XINFO STREAM the gap check needs (a missing stream is an empty one)."""
+
+    length: int = 0
+    last_generated: EntryId = (0, 0)
+    entries_added: int = 0
+    first: EntryId | None = None  # the oldest entry still in the stream
+
+    def lost_after(self, position: EntryId, counted: int) -> int | None:
+        """How many entries up to now the reader, at `position` having accounted for `counted`
+        additions, can no longer read: 0 none, > 0 that many lost, < 0 a new stream (Redis lost
+        its data), None undecided (the reader is behind and the trim has not reached it)."""
+        if self.last_generated < position:
+            return -1
+        if self.last_generated == position:  # at the tail: every addition should be counted
+            return self.entries_added - counted
+        if self.first is None or self.first > position:  # all we read is gone, the rest is here
+            return self.entries_added - self.length - counted
+        return None
 
 
 class StreamReader:
@@ -39,14 +76,16 @@ class StreamReader:
         on_state: Callable[[BatchState], None],
         metrics: Metrics,
         *,
-        on_gap: Callable[[int], None] | None = None,
+        on_gap: Callable[[int, bool], None] | None = None,
     ) -> None:
+        """`on_gap(shard, reset)` runs when entries were lost; `reset`: seqs may restart."""
         self._redis = client
         self._keys = keys
         self._on_state = on_state
         self._on_gap = on_gap
         self._metrics = metrics
         self.last_ids: dict[int, bytes] = {}
+        self._counted: dict[int, int] = {}  # stream additions up to last_ids[shard]
         self._healthy = [False] * keys.shards
         self._running = False
         self._logged: dict[str, float] = {}
@@ -64,59 +103,101 @@ class StreamReader:
         finally:
             self._running = False
 
-    async def _tail_id(self, stream: str) -> bytes:
-        last: Any = await self._redis.xrevrange(stream, count=1)
-        return bytes(last[0][0]) if last else b"0-0"
-
     async def _read_shard(self, shard: int) -> None:
         stream = self._keys.stream(shard)
         failures = 0
+        next_check = 0.0
         while True:
             try:
                 if shard not in self.last_ids:
-                    self.last_ids[shard] = await self._tail_id(stream)
+                    await self._start_at_tail(shard, stream)
                 elif failures:
-                    await self._check_gap(shard, stream)
+                    await self._check_position(shard, stream, after_outage=True)
+                self._healthy[shard] = True  # Redis answered: ready without waiting for XREAD
                 reply: Any = await self._redis.xread(
                     {stream: self.last_ids[shard]}, count=COUNT, block=BLOCK_MS
                 )
                 if failures:
                     log.info("redis_reconnected", shard=shard, after_failures=failures)
                 failures = 0
-                self._healthy[shard] = True
+                read = 0
                 for _name, entries in reply or ():
+                    read += len(entries)
                     self._consume(shard, entries)
+                now = time.monotonic()
+                if read in (0, COUNT) or now >= next_check:  # idle, behind, or due
+                    next_check = now + GAP_CHECK_EVERY_S
+                    await self._check_position(shard, stream)
             except asyncio.CancelledError:
                 raise
-            except REDIS_ERRORS as e:
+            except Exception as e:  # a Redis outage, or a bug in the client: back off, retry
                 self._healthy[shard] = False
                 failures += 1
                 self._metrics.redis_reconnects.inc()
                 delay = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** min(failures, 6))
                 delay *= random.uniform(0.5, 1.0)
-                if failures == 1 or failures % 20 == 0:
+                if not isinstance(e, REDIS_ERRORS):
+                    log.exception("reader_failed", shard=shard, retry_in_s=delay)
+                elif failures == 1 or failures % 20 == 0:
                     log.warning("redis_read_failed", shard=shard, error=repr(e), retry_in_s=delay)
                 await asyncio.sleep(delay)
 
-    async def _check_gap(self, shard: int, stream: str) -> None:
-        """After an outage: was the stream reset (Redis lost its data) or trimmed past us?"""
-        last = self.last_ids[shard]
-        first: Any = await self._redis.xrange(stream, count=1)
-        tail = await self._tail_id(stream)
-        reset = _id_tuple(tail) < _id_tuple(last)
-        trimmed = bool(first) and _id_tuple(first[0][0]) > _id_tuple(last) and last != b"0-0"
-        if reset or trimmed:
-            # A stream whose first entry is newer than our position may be a trim or a Redis
-            # that lost its data and has been written to since: the fan-out treats both alike.
-            self._metrics.stream_gaps.inc()
-            log.warning("stream_gap", shard=shard, reset=reset, trimmed=trimmed)
-            if reset:
-                self.last_ids[shard] = b"0-0"
-            if self._on_gap is not None:
-                self._on_gap(shard)
+    async def _stream_info(self, stream: str) -> StreamInfo | None:
+        """XINFO STREAM, or None on a Redis older than 7 (no `entries-added`: no gap checks)."""
+        try:
+            raw: Any = await self._redis.xinfo_stream(stream)
+        except redis.ResponseError as e:
+            if "no such key" in str(e).lower():
+                return StreamInfo()
+            raise
+        if raw.get("entries-added") is None:
+            return None
+        first = raw.get("first-entry")
+        return StreamInfo(
+            length=int(raw["length"]),
+            last_generated=_id_tuple(raw["last-generated-id"]),
+            entries_added=int(raw["entries-added"]),
+            first=_id_tuple(first[0]) if first else None,
+        )
+
+    async def _start_at_tail(self, shard: int, stream: str) -> None:
+        info = await self._stream_info(stream)
+        if info is None:
+            last: Any = await self._redis.xrevrange(stream, count=1)
+            self.last_ids[shard] = bytes(last[0][0]) if last else b"0-0"
+            self._counted[shard] = 0
+            return
+        self.last_ids[shard] = _id_bytes(info.last_generated)
+        self._counted[shard] = info.entries_added
+
+    async def _check_position(self, shard: int, stream: str, *, after_outage: bool = False) -> None:
+        """Did entries we have not read leave the stream, or is it a new stream?
+
+        A trim past us: resync the affected users from the batch hashes and read on from where
+        we are. A new stream, or any loss found right after an outage (Redis may have restarted
+        with a stream that has been written and trimmed since): seqs may have restarted, so the
+        resync accepts any seq, and we read on from the new stream's tail.
+        """
+        info = await self._stream_info(stream)
+        if info is None:
+            return
+        lost = info.lost_after(_id_tuple(self.last_ids[shard]), self._counted[shard])
+        if not lost:
+            return
+        reset = lost < 0 or after_outage
+        self._metrics.stream_gaps.inc()
+        log.warning("stream_gap", shard=shard, reset=reset, lost_entries=max(lost, 0))
+        if reset:
+            self.last_ids[shard] = _id_bytes(info.last_generated)
+            self._counted[shard] = info.entries_added
+        else:
+            self._counted[shard] += lost
+        if self._on_gap is not None:
+            self._on_gap(shard, reset)
 
     def _consume(self, shard: int, entries: list[tuple[bytes, dict[Any, Any]]]) -> None:
         self._metrics.entries_read.inc(len(entries))
+        self._counted[shard] += len(entries)
         for entry_id, fields in entries:
             try:
                 state = state_from_fields(fields)
@@ -144,7 +225,11 @@ class StreamReader:
             )
 
 
-def _id_tuple(entry_id: bytes | str) -> tuple[int, int]:
+def _id_tuple(entry_id: bytes | str) -> EntryId:
     text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
     ms, _, seq = text.partition("-")
     return int(ms), int(seq or 0)
+
+
+def _id_bytes(entry_id: EntryId) -> bytes:
+    return f"{entry_id[0]}-{entry_id[1]}".encode()

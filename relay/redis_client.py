@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import redis
@@ -21,6 +22,30 @@ REDIS_ERRORS: tuple[type[Exception], ...] = (
 )
 
 AsyncClient = redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster
+
+
+class _AsyncCluster(redis.asyncio.cluster.RedisCluster):
+    """RedisCluster that initializes (discovers the nodes) before any command runs.
+
+    redis-py 8's async cluster client resolves a command's policy and slot before it
+    initializes, so the first commands of concurrent tasks (the reader's one per shard, the
+    first snapshots) race on the seed node's connections: "Connection closed by server",
+    even an AttributeError. Here the first command, and the first after a connection loss
+    made the client re-initialize, waits for one initialization under a lock.
+    """
+
+    _init_lock: asyncio.Lock | None = None
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        if self._initialize:
+            if self._init_lock is None:
+                self._init_lock = asyncio.Lock()
+            async with self._init_lock:
+                if self._initialize:
+                    await self.initialize()
+        return await super().execute_command(*args, **kwargs)
+
+
 SyncClient = redis.Redis | redis.cluster.RedisCluster
 
 
@@ -37,7 +62,7 @@ def async_client(
     if not retries:
         opts["retry"] = Retry(NoBackoff(), 0)
     if cfg.cluster:
-        return redis.asyncio.cluster.RedisCluster.from_url(cfg.url, **opts)
+        return _AsyncCluster.from_url(cfg.url, **opts)
     return redis.asyncio.Redis.from_url(cfg.url, health_check_interval=30, **opts)
 
 

@@ -85,11 +85,12 @@ class Relay:
         loop_ms = asyncio.get_running_loop().time() * 1000
         self.fanout.publish(state, loop_ms, time.time() * 1000)
 
-    def _on_gap(self, shard: int) -> None:
-        """The stream lost entries we had not read: it was trimmed past us, or Redis lost its
-        data and batches restart at seq 1. Either way, accept any seq again and re-read every
-        connected user's batches from their hashes."""
-        self.fanout.forget_seqs()
+    def _on_gap(self, shard: int, reset: bool) -> None:
+        """The stream lost entries we had not read: re-read every connected user's batches from
+        their hashes. After a reset (Redis lost its data, batches restart at seq 1) accept any
+        seq again first; after a trim seqs go on, and keeping them keeps frames from going back."""
+        if reset:
+            self.fanout.forget_seqs()
         self.spawn(self._resync())
 
     async def _resync(self) -> None:
@@ -153,7 +154,7 @@ class Relay:
             max_queue=16,
             ping_interval=None,  # the relay sends its own {"action":"ping"}
             close_timeout=2.0,
-            open_timeout=10.0,
+            open_timeout=cfg.handshake_timeout_s,  # also bounds a slowloris' trickled headers
             compression=None,
             server_header="progress-relay",
         )
@@ -238,6 +239,9 @@ class Relay:
             return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
         if len(self.sessions) - self._authenticated >= server_cfg.max_unauthenticated:
             return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
+        if len(request.headers.get_all("Authorization")) > 1:
+            self.metrics.auth_failures.labels("malformed").inc()
+            return conn.respond(HTTPStatus.UNAUTHORIZED, "more than one Authorization header\n")
         token = _handshake_token(request.headers, query)
         if token is not None:
             try:
@@ -309,7 +313,8 @@ class Relay:
 
 
 def _handshake_token(headers: Headers, query: str) -> str | None:
-    auth = headers.get("Authorization")
+    given = headers.get_all("Authorization")  # headers.get() raises on duplicates
+    auth = given[0] if given else None
     if auth:
         scheme, _, value = auth.partition(" ")
         if scheme.lower() == "bearer" and value.strip():

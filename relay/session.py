@@ -18,6 +18,7 @@ from websockets.exceptions import ConnectionClosed
 
 from relay.auth import Claims
 from relay.core.delivery import Outbox
+from relay.core.ratelimit import MessageBucket
 from relay.errors import AuthFailed
 from relay.metrics import Metrics
 from relay.redis_client import REDIS_ERRORS
@@ -45,6 +46,7 @@ BAD_FORMAT: Final = 4004
 TOKEN_EXPIRED: Final = 4005
 TOO_SLOW: Final = 4008
 TOO_MANY_FOR_USER: Final = 4029
+POLICY_VIOLATION: Final = 1008  # client frames over fanout.max_client_messages_per_s
 TRY_AGAIN_LATER: Final = 1013
 SERVICE_RESTART: Final = 1012
 
@@ -69,6 +71,7 @@ class Session:
         self._wake = asyncio.Event()
         self._expiry: asyncio.TimerHandle | None = None
         self._opened = time.monotonic()
+        self._bucket = MessageBucket(relay.config.fanout.max_client_messages_per_s)
 
     # -- fan-out side ---------------------------------------------------------------------------
 
@@ -97,7 +100,7 @@ class Session:
                 fanout.connections_of(claims.user_id)
                 >= self.relay.config.server.max_connections_per_user
             ):
-                await self.close(TOO_MANY_FOR_USER, "too many connections for this user")
+                await self._close_reading(TOO_MANY_FOR_USER, "too many connections for this user")
                 return
             # Join before the first await, so that racing connects cannot pass the limit; live
             # frames wait in the outbox until the snapshot has been offered.
@@ -109,7 +112,7 @@ class Session:
                 states = await self.relay.store.batches_for(claims.user_id)
             except REDIS_ERRORS as e:
                 log.warning("snapshot_failed", error=repr(e))
-                await self.close(TRY_AGAIN_LATER, "snapshot unavailable, retry later")
+                await self._close_reading(TRY_AGAIN_LATER, "snapshot unavailable, retry later")
                 return
             fanout.snapshot(claims.user_id, self, states, _now_ms(), time.time() * 1000)
             writer = asyncio.create_task(self._writer())
@@ -164,14 +167,18 @@ class Session:
             await self.ws.send(encode(AuthError(e.message)))
         except ConnectionClosed:
             return
-        await self.close(e.code, e.message)
+        await self._close_reading(e.code, e.message)
 
     async def _read_loop(self) -> None:
         async for message in self.ws:
+            if not self._bucket.take(time.monotonic()):
+                log.info("client_flood", rate_per_s=self._bucket.rate)
+                await self._close_reading(POLICY_VIOLATION, "too many messages")
+                return
             try:
                 frame = parse_client_frame(message)
             except BadClientFrame as e:
-                await self.close(BAD_FORMAT, str(e))
+                await self._close_reading(BAD_FORMAT, str(e))
                 return
             if isinstance(frame, ClientAuth):
                 await self._refresh(frame.token)
@@ -232,6 +239,17 @@ class Session:
                         await self._wake.wait()
                 except TimeoutError:
                     pass
+
+    async def _close_reading(self, code: int, reason: str) -> None:
+        """Close from the task that reads the connection, and keep reading (discarding) until it
+        is closed: websockets stops reading the socket while unread messages pile up (a flood),
+        and the peer's closing frame behind them would never be seen (1006 after close_timeout).
+        """
+        closing = asyncio.create_task(self.close(code, reason))
+        with contextlib.suppress(ConnectionClosed):
+            async for _ in self.ws:
+                pass
+        await closing
 
     async def close(self, code: int, reason: str) -> None:
         """Close with `code`; a peer that does not complete the handshake in time is aborted."""

@@ -237,6 +237,8 @@ def parse_client_frame(data: str | bytes) -> ClientFrame:
         obj = _decoder.decode(data)
     except msgspec.DecodeError as e:
         raise BadClientFrame("message is not valid JSON") from e
+    except RecursionError as e:  # msgspec's nesting limit
+        raise BadClientFrame("message is nested too deeply") from e
     if not isinstance(obj, dict):
         raise BadClientFrame("message is not a JSON object")
     if obj.get("type") == "auth":

@@ -135,7 +135,15 @@ async def test_readyz_follows_redis_and_clients_survive(
     relay: Relay = await relay_factory(redis={"url": server.url})
     ready = f"http://127.0.0.1:{relay.port}/readyz"
     await wait_status(ready, 200)
+    before = str(uuid.uuid4())
+    setup = redis.asyncio.Redis.from_url(server.url)
+    try:
+        await AsyncEmitter(setup, prefix=prefix).start(before, "rita", 5)
+    finally:
+        await setup.aclose()
     ws = await open_client(relay, "rita")
+    # The snapshot has been read (its frame arrived) before Redis goes away.
+    await collect_until(ws, lambda f: progress(f, before) is not None)
     server.kill()
     await wait_status(ready, 503)
     server.restart()

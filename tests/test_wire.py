@@ -415,3 +415,8 @@ def test_client_not_an_object(data: str) -> None:
 def test_client_frames_raise_only_bad_client_frame(data: bytes | str) -> None:
     with contextlib.suppress(BadClientFrame):
         parse_client_frame(data)
+
+
+def test_deeply_nested_client_frame_is_a_format_error() -> None:
+    with pytest.raises(BadClientFrame):
+        parse_client_frame("[" * 5000 + "]" * 5000)
