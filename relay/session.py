@@ -107,6 +107,7 @@ class Session:
             fanout.join(claims.user_id, self)
             self.relay.track(self, authenticated=True)
             await self.ws.send(encode(AuthSuccess(claims.user_id)))
+            log.info("connection_opened", via="handshake" if self.claims else "first_message")
             self._schedule_expiry(claims)
             try:
                 states = await self.relay.store.batches_for(claims.user_id)

@@ -198,6 +198,8 @@ def test_relay_serve_with_the_image_environment(
     events = [r["event"] for r in records]
     assert events[0] == "relay_started" and events[-1] == "relay_stopped", events
     assert all(r["level"] in {"info", "warning"} and r["timestamp"].endswith("Z") for r in records)
+    opened = [r for r in records if r["event"] == "connection_opened"]
+    assert [r.get("user_id") for r in opened] == ["alice"], opened
     closed = [r for r in records if r["event"] == "connection_closed"]
     assert any(r.get("user_id") == "alice" for r in closed), closed
     for r in closed:
