@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Final
 import structlog
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 from relay.auth import Claims
 from relay.core.delivery import Outbox
 from relay.core.ratelimit import MessageBucket
 from relay.errors import AuthFailed
-from relay.metrics import Metrics
 from relay.redis_client import REDIS_ERRORS
 from relay.wire import (
     PONG_TEXT,
@@ -69,6 +69,8 @@ class Session:
         self.closing = False
         self.counted = False  # counted as authenticated by the relay
         self._wake = asyncio.Event()
+        self._live = False  # snapshot offered: frames may be written
+        self._draining = False  # the socket's buffer is over its limit: the writer waits
         self._expiry: asyncio.TimerHandle | None = None
         self._opened = time.monotonic()
         self._bucket = MessageBucket(relay.config.fanout.max_client_messages_per_s)
@@ -76,7 +78,31 @@ class Session:
     # -- fan-out side ---------------------------------------------------------------------------
 
     def wake(self) -> None:
-        self._wake.set()
+        """Something may be due. Like websockets.broadcast, write it right here when the
+        socket takes it (no task switch per frame); the writer task handles deadlines and
+        sockets whose buffer is full (meanwhile newer states merge in the outbox)."""
+        if self._live and not self._draining:
+            self._flush(asyncio.get_running_loop().time() * 1000)
+        if self._draining or self.outbox.waiting():
+            self._wake.set()
+
+    def _flush(self, now: float) -> None:
+        """Write every due frame without awaiting; mark the socket draining when it is full."""
+        frames = self.outbox.take_due(now)
+        if not frames:
+            return
+        ws = self.ws
+        if ws.protocol.state is not State.OPEN:
+            return
+        try:
+            for frame in frames:
+                ws.protocol.send_text(frame)
+            ws.send_data()
+        except Exception as e:  # the transport is going away; the read loop will end
+            log.debug("write_failed", error=repr(e))
+            return
+        self.relay.metrics.frames_sent.inc(len(frames))
+        self._draining = ws.paused
 
     def unsent_bytes(self) -> int:
         transport = self.ws.transport
@@ -106,7 +132,7 @@ class Session:
             # frames wait in the outbox until the snapshot has been offered.
             fanout.join(claims.user_id, self)
             self.relay.track(self, authenticated=True)
-            await self.ws.send(encode(AuthSuccess(claims.user_id)))
+            await self.ws.send(encode(AuthSuccess(claims.user_id)), text=True)
             log.info("connection_opened", via="handshake" if self.claims else "first_message")
             self._schedule_expiry(claims)
             try:
@@ -115,6 +141,7 @@ class Session:
                 log.warning("snapshot_failed", error=repr(e))
                 await self._close_reading(TRY_AGAIN_LATER, "snapshot unavailable, retry later")
                 return
+            self._live = True
             fanout.snapshot(claims.user_id, self, states, _now_ms(), time.time() * 1000)
             writer = asyncio.create_task(self._writer())
             await self._read_loop()
@@ -165,7 +192,7 @@ class Session:
         if self.closing:
             return
         try:
-            await self.ws.send(encode(AuthError(e.message)))
+            await self.ws.send(encode(AuthError(e.message)), text=True)
         except ConnectionClosed:
             return
         await self._close_reading(e.code, e.message)
@@ -215,21 +242,20 @@ class Session:
     async def _writer(self) -> None:
         """Write what the outbox says is due; sleep until the next deadline or a wake-up."""
         loop = asyncio.get_running_loop()
-        metrics = self.relay.metrics
-        with contextlib.suppress(ConnectionClosed):
-            await self._write_loop(loop, metrics)
+        with contextlib.suppress(ConnectionClosed, OSError):
+            await self._write_loop(loop)
 
-    async def _write_loop(self, loop: asyncio.AbstractEventLoop, metrics: Metrics) -> None:
+    async def _write_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         while True:
             self._wake.clear()
-            now = loop.time() * 1000
-            frames = self.outbox.take_due(now)
-            if frames:
-                self.write_started = loop.time()
-                for frame in frames:
-                    await self.ws.send(frame)
+            if self._draining:
+                self.write_started = loop.time()  # the sweeper closes it after write_timeout_s
+                await self.ws.drain()
                 self.write_started = None
-                metrics.frames_sent.inc(len(frames))
+                self._draining = False
+            now = loop.time() * 1000
+            self._flush(now)
+            if self._draining:
                 continue
             deadline = self.outbox.next_due()
             if deadline is None:

@@ -17,8 +17,8 @@ from relay.core.delivery import Outbox
 INTERVAL = 100.0
 
 
-def frame(batch: str, seq: int, pad: int = 0) -> str:
-    return f"{batch}:{seq}:" + "x" * pad
+def frame(batch: str, seq: int, pad: int = 0) -> bytes:
+    return (f"{batch}:{seq}:" + "x" * pad).encode()
 
 
 # -- leading / trailing edge -----------------------------------------------------------------------
@@ -170,17 +170,17 @@ def test_control_frames_come_first_and_are_always_due() -> None:
     box.take_due(0.0)
     box.offer("b", 2, frame("b", 2), urgent=False, now=10.0)
     box.offer("c", 1, frame("c", 1), urgent=False, now=10.0)
-    box.control('{"action":"ping"}')
-    box.control('{"action":"pong"}')
+    box.control(b'{"action":"ping"}')
+    box.control(b'{"action":"pong"}')
     assert box.next_due() == float("-inf")
     assert box.pending_bytes == sum(
-        len(f) for f in (frame("b", 2), frame("c", 1), '{"action":"ping"}', '{"action":"pong"}')
+        len(f) for f in (frame("b", 2), frame("c", 1), b'{"action":"ping"}', b'{"action":"pong"}')
     )
-    assert box.take_due(10.0) == ['{"action":"ping"}', '{"action":"pong"}', frame("c", 1)]
+    assert box.take_due(10.0) == [b'{"action":"ping"}', b'{"action":"pong"}', frame("c", 1)]
     assert box.pending_bytes == len(frame("b", 2))
     assert box.next_due() == 100.0
-    box.control("late")
-    assert box.take_due(20.0) == ["late"]
+    box.control(b"late")
+    assert box.take_due(20.0) == [b"late"]
     assert box.take_due(100.0) == [frame("b", 2)]
     assert box.pending_bytes == 0
 
@@ -192,7 +192,7 @@ def test_clear_drops_everything_waiting_but_keeps_seq_order() -> None:
     box = Outbox(INTERVAL)
     box.offer("a", 3, frame("a", 3), urgent=False, now=0.0)
     box.offer("b", 1, frame("b", 1), urgent=False, now=0.0)
-    box.control("ping")
+    box.control(b"ping")
     box.clear()
     assert box.pending_bytes == 0
     assert box.next_due() is None
@@ -251,13 +251,13 @@ class _Model:
 
     interval: float
     highest: dict[str, int] = field(default_factory=dict)  # highest seq offered
-    waiting: dict[str, str] = field(default_factory=dict)  # latest accepted frame not yet taken
+    waiting: dict[str, bytes] = field(default_factory=dict)  # latest accepted frame not yet taken
     due: dict[str, float] = field(default_factory=dict)  # earliest time the waiting one may go
     urgent: dict[str, bool] = field(default_factory=dict)  # an urgent frame merged into it
     sent_at: dict[str, float] = field(default_factory=dict)
-    control: list[str] = field(default_factory=list)
+    control: list[bytes] = field(default_factory=list)
 
-    def offer(self, batch: str, seq: int, text: str, urgent: bool, now: float) -> bool:
+    def offer(self, batch: str, seq: int, text: bytes, urgent: bool, now: float) -> bool:
         if seq <= self.highest.get(batch, -1):
             return False
         self.highest[batch] = seq
@@ -283,7 +283,7 @@ def _check_take(
     box: Outbox,
     model: _Model,
     now: float,
-    taken: dict[str, list[tuple[float, int, str]]],
+    taken: dict[str, list[tuple[float, int, bytes]]],
     interval: float,
 ) -> None:
     must_go = {b for b, due in model.due.items() if due <= now}
@@ -293,7 +293,7 @@ def _check_take(
     model.control.clear()
     seen: set[str] = set()
     for text in out[n_control:]:
-        batch, seq_text, _ = text.split(":", 2)
+        batch, seq_text, _ = text.decode().split(":", 2)
         seq = int(seq_text)
         assert batch not in seen  # at most one frame per batch per take
         seen.add(batch)
@@ -322,7 +322,7 @@ def test_outbox_against_model(interval: float, scenario: tuple[bool, list[Op]]) 
     model = _Model(interval)
     now = 0.0
     last_seq = dict.fromkeys(BATCHES, 0)
-    taken: dict[str, list[tuple[float, int, str]]] = {}
+    taken: dict[str, list[tuple[float, int, bytes]]] = {}
     merged = 0
     for op in ops:
         if isinstance(op, Offer):
@@ -343,7 +343,7 @@ def test_outbox_against_model(interval: float, scenario: tuple[bool, list[Op]]) 
             elif not was_waiting or model.due[batch] <= now:
                 assert wake is True  # the writer must look again
         elif isinstance(op, Control):
-            text = "ctl" + "!" * op.pad
+            text = ("ctl" + "!" * op.pad).encode()
             box.control(text)
             model.control.append(text)
         else:
@@ -378,10 +378,10 @@ def test_shuffled_seqs_single_batch(seqs: list[int], steps: list[int], take_ever
         now += dt
         box.offer("b", seq, frame("b", seq), urgent=False, now=now)
         if i % take_every == 0:
-            taken += [(now, int(f.split(":")[1])) for f in box.take_due(now)]
+            taken += [(now, int(f.split(b":")[1])) for f in box.take_due(now)]
         assert box.pending_bytes >= 0
     now += INTERVAL
-    taken += [(now, int(f.split(":")[1])) for f in box.take_due(now)]
+    taken += [(now, int(f.split(b":")[1])) for f in box.take_due(now)]
     assert box.pending_bytes == 0
     assert [s for _, s in taken] == sorted({s for _, s in taken})
     assert taken[-1][1] == 29

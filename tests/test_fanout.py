@@ -24,7 +24,7 @@ class RecordingOutbox(Outbox):
         self,
         batch_id: str,
         seq: int,
-        frame: str,
+        frame: bytes,
         *,
         now: float,
         urgent: bool = False,
@@ -80,7 +80,7 @@ def st8(
     )
 
 
-def payload(text: str) -> dict[str, Any]:
+def payload(text: bytes) -> dict[str, Any]:
     obj: dict[str, Any] = json.loads(text)
     assert obj["action"] == "batch_progress"
     p: dict[str, Any] = obj["payload"]
@@ -349,17 +349,17 @@ def test_prune_forgets_idle_batches_but_keeps_active_ones() -> None:
     assert set(room.trackers) == {"new"}
     assert set(sub.rec._slots) == {"new"}
     # A pruned batch that changes again starts over: its next frame goes at once.
-    assert sub.rec.offer("old", 2, "f", urgent=False, now=601_001.0)
-    assert sub.rec.take_due(601_001.0) == ["f"]
+    assert sub.rec.offer("old", 2, b"f", urgent=False, now=601_001.0)
+    assert sub.rec.take_due(601_001.0) == [b"f"]
 
 
 def test_prune_keeps_batches_with_a_frame_waiting() -> None:
     box = Outbox(INTERVAL)
-    box.offer("b", 1, "one", urgent=False, now=0.0)
+    box.offer("b", 1, b"one", urgent=False, now=0.0)
     box.take_due(0.0)
-    box.offer("b", 2, "two", urgent=False, now=10.0)  # waits for the trailing edge
+    box.offer("b", 2, b"two", urgent=False, now=10.0)  # waits for the trailing edge
     assert box.prune(now=10_000.0, idle_ms=1.0) == 0
-    assert box.take_due(10_000.0) == ["two"]
+    assert box.take_due(10_000.0) == [b"two"]
 
 
 def test_terminal_goes_at_once_even_after_another_connections_snapshot_saw_it() -> None:

@@ -89,7 +89,7 @@ def state(**kw: Any) -> BatchState:
 # -- batch_progress frames -------------------------------------------------------------------------
 
 
-def check_frame(text: str) -> dict[str, Any]:
+def check_frame(text: bytes) -> dict[str, Any]:
     obj = json.loads(text)
     assert isinstance(obj, dict)
     assert set(obj) == {"action", "payload", "timestamp"}

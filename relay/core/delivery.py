@@ -17,13 +17,16 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import TypeAlias
+
+Frame: TypeAlias = bytes  # encoded once (UTF-8 JSON), shared by every connection of the user
 
 
 @dataclass(slots=True)
 class _Slot:
     seq: int = -1  # highest seq accepted for this batch
     sent_at: float | None = None  # when the last frame of this batch was taken (ms)
-    frame: str | None = None  # waiting frame, if any
+    frame: Frame | None = None  # waiting frame, if any
     due: float = 0.0  # when the waiting frame may go (ms)
     terminal: bool = False  # is the latest accepted state terminal
 
@@ -35,7 +38,7 @@ class Outbox:
         self._interval = float(min_interval_ms)
         self._slots: dict[str, _Slot] = {}
         self._queued: dict[str, _Slot] = {}  # slots holding a frame, in arrival order
-        self._control: deque[str] = deque()
+        self._control: deque[Frame] = deque()
         self.pending_bytes = 0  # size of the frames waiting here
         self.merged = 0  # frames replaced by a newer one before they were taken
 
@@ -43,7 +46,7 @@ class Outbox:
         self,
         batch_id: str,
         seq: int,
-        frame: str,
+        frame: Frame,
         *,
         now: float,
         urgent: bool = False,
@@ -77,11 +80,11 @@ class Outbox:
         slot.due = min(slot.due, due) if merged else due
         return slot.due <= now or not merged
 
-    def control(self, frame: str) -> None:
+    def control(self, frame: Frame) -> None:
         self._control.append(frame)
         self.pending_bytes += len(frame)
 
-    def take_due(self, now: float) -> list[str]:
+    def take_due(self, now: float) -> list[Frame]:
         """Frames to write now, control frames first; marks their batches as sent at `now`."""
         out = list(self._control)
         self._control.clear()
@@ -96,6 +99,10 @@ class Outbox:
             del self._queued[batch_id]
         self.pending_bytes -= sum(len(f) for f in out)
         return out
+
+    def waiting(self) -> bool:
+        """Is any frame waiting here (due or not)?"""
+        return bool(self._queued or self._control)
 
     def next_due(self) -> float | None:
         """The earliest time (ms) something becomes due; None when nothing waits."""

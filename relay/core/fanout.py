@@ -30,7 +30,7 @@ class _Room:
         self.subscribers: list[Subscriber] = []
         self.trackers: dict[str, RateTracker] = {}
 
-    def frame(self, state: BatchState, wall_ms: float) -> str:
+    def frame(self, state: BatchState, wall_ms: float) -> bytes:
         """Encode the state's frame once (with the batch's rate and ETA)."""
         tracker = self.trackers.get(state.batch_id)
         if tracker is None:
