@@ -603,7 +603,7 @@ async def phase_fanout(ctx: Ctx, size: int) -> dict[str, Any]:
             ),
             rate=2057.6,
             eta_seconds=426.0,
-        )
+        ).decode()
         await bare.send(
             {"cmd": "blast", "seconds": p.fanout_warm_s + p.fanout_window_s + 0.3, "frame": frame}
         )

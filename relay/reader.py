@@ -38,6 +38,7 @@ log = structlog.get_logger("relay.reader")
 
 BLOCK_MS: Final = 2_000
 COUNT: Final = 1_000
+YIELD_EVERY: Final = 50  # entries handled (and fanned out) between two yields to the loop
 BACKOFF_BASE_S: Final = 0.1
 BACKOFF_CAP_S: Final = 3.0
 REJECT_LOG_EVERY_S: Final = 60.0
@@ -123,7 +124,9 @@ class StreamReader:
                 read = 0
                 for _name, entries in reply or ():
                     read += len(entries)
-                    self._consume(shard, entries)
+                    for start in range(0, len(entries), YIELD_EVERY):
+                        self._consume(shard, entries[start : start + YIELD_EVERY])
+                        await asyncio.sleep(0)  # let connections and HTTP run between chunks
                 now = time.monotonic()
                 if read in (0, COUNT) or now >= next_check:  # idle, behind, or due
                     next_check = now + GAP_CHECK_EVERY_S
