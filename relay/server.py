@@ -8,6 +8,7 @@ await relay.serve_forever()  # until relay.shutdown() (SIGTERM/SIGINT in `relay 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import time
@@ -37,6 +38,7 @@ from relay.wire import PING_TEXT, BatchState
 log = structlog.get_logger("relay.server")
 
 SWEEP_EVERY_S: Final = 0.25
+STARTUP_POSITION_TIMEOUT_S: Final = 3.0
 PRUNE_EVERY_S: Final = 60.0
 PRUNE_IDLE_MS: Final = 600_000.0  # batches quiet for 10 min leave per-connection memory
 READY_PING_TIMEOUT_S: Final = 1.0
@@ -144,7 +146,27 @@ class Relay:
         origins: list[str | None] | None = None
         if cfg.allowed_origins:
             origins = [*cfg.allowed_origins, None]  # non-browser clients send no Origin
-        self._server = await serve(
+        # Find the streams' tails before accepting anyone: a client's snapshot and the live
+        # entries after it then always meet. With Redis down, start anyway (/readyz says 503).
+        self.spawn(self.reader.run())
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(STARTUP_POSITION_TIMEOUT_S):
+                await self.reader.positioned.wait()
+        try:
+            self._server = await self._listen(origins)
+        except OSError:
+            for task in list(self._tasks):
+                task.cancel()
+            raise
+        sockets = list(self._server.sockets)
+        self.port = sockets[0].getsockname()[1] if sockets else cfg.port
+        self.spawn(self._sweeper())
+        self.spawn(self._heartbeat())
+        log.info("relay_started", host=cfg.host, port=self.port, path=cfg.path)
+
+    async def _listen(self, origins: list[str | None] | None) -> Server:
+        cfg = self.config.server
+        return await serve(
             self._handle,
             cfg.host,
             cfg.port,
@@ -158,12 +180,6 @@ class Relay:
             compression=None,
             server_header="progress-relay",
         )
-        sockets = list(self._server.sockets)
-        self.port = sockets[0].getsockname()[1] if sockets else cfg.port
-        self.spawn(self.reader.run())
-        self.spawn(self._sweeper())
-        self.spawn(self._heartbeat())
-        log.info("relay_started", host=cfg.host, port=self.port, path=cfg.path)
 
     async def serve_forever(self) -> None:
         await self._stopped.wait()

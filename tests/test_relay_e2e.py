@@ -146,6 +146,7 @@ async def test_metrics_after_a_workload(
     relay_factory: Factory, aredis: redis.asyncio.Redis, prefix: str
 ) -> None:
     relay: Relay = await relay_factory()
+    await wait_until(lambda: relay.reader.healthy)  # positioned at the tail: reads all 3 below
     ws = await open_client(relay, "mia")
     em = AsyncEmitter(aredis, prefix=prefix)
     b = bid()
