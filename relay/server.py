@@ -130,10 +130,20 @@ class Relay:
 
     def untrack(self, session: Session) -> None:
         self.sessions.discard(session)
+        self._collect(session)
         if session.counted:
             session.counted = False
             self._authenticated -= 1
         self._update_gauges()
+
+    def _collect(self, session: Session) -> None:
+        """Move a session's frame counts into the metrics (counted locally: no lock per write)."""
+        if session.outbox.merged:
+            self.metrics.frames_merged.inc(session.outbox.merged)
+            session.outbox.merged = 0
+        if session.frames_sent:
+            self.metrics.frames_sent.inc(session.frames_sent)
+            session.frames_sent = 0
 
     def _update_gauges(self) -> None:
         self.metrics.connections.labels("authenticated").set(self._authenticated)
@@ -305,9 +315,7 @@ class Relay:
             self.metrics.loop_lag.set(max(0.0, now - expected))
             expected = now + SWEEP_EVERY_S
             for s in list(self.sessions):
-                if s.outbox.merged:
-                    self.metrics.frames_merged.inc(s.outbox.merged)
-                    s.outbox.merged = 0
+                self._collect(s)
                 if s.closing or s.user_id is None:
                     continue
                 stuck = (
