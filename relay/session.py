@@ -78,12 +78,12 @@ class Session:
 
     # -- fan-out side ---------------------------------------------------------------------------
 
-    def wake(self) -> None:
+    def wake(self, now: float | None = None) -> None:
         """Something may be due. Like websockets.broadcast, write it right here when the
         socket takes it (no task switch per frame); the writer task handles deadlines and
         sockets whose buffer is full (meanwhile newer states merge in the outbox)."""
         if self._live and not self._draining:
-            self._flush(asyncio.get_running_loop().time() * 1000)
+            self._flush(_now_ms() if now is None else now)
         if self._draining or self.outbox.waiting():
             self._wake.set()
 

@@ -48,7 +48,7 @@ class FakeSub:
         self.outbox: Outbox = self.rec
         self.wakes = 0
 
-    def wake(self) -> None:
+    def wake(self, now: float | None = None) -> None:
         self.wakes += 1
 
 

@@ -19,8 +19,8 @@ class Subscriber(Protocol):
 
     outbox: Outbox
 
-    def wake(self) -> None:
-        """Something new may be due: let the connection's writer look at its outbox."""
+    def wake(self, now: float | None = None) -> None:
+        """Something new may be due (at monotonic ms `now`): let the connection write it."""
 
 
 class _Room:
@@ -94,7 +94,7 @@ class FanOut:
         self.frames_built += 1
         for sub in room.subscribers:
             if sub.outbox.offer(state.batch_id, state.seq, frame, terminal=terminal, now=now):
-                sub.wake()
+                sub.wake(now)
 
     def snapshot(
         self, user_id: str, sub: Subscriber, states: list[BatchState], now: float, wall_ms: float
@@ -108,4 +108,4 @@ class FanOut:
             sub.outbox.offer(
                 state.batch_id, state.seq, frame, urgent=True, terminal=state.terminal, now=now
             )
-        sub.wake()
+        sub.wake(now)
