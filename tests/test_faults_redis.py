@@ -15,8 +15,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from functools import partial
@@ -29,7 +27,7 @@ import redis.asyncio
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis_server import RedisServer, free_port
-from relay_harness import SECRET, token
+from relay_harness import SECRET, http_status, token
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
@@ -43,16 +41,6 @@ FIELDS = ("status", "total", "processed", "successful", "failed", "seq")
 
 
 # -- helpers (also used by test_cluster.py) ------------------------------------------------------
-
-
-def http_status(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - loopback test URL
-            return int(resp.status)
-    except urllib.error.HTTPError as e:
-        return e.code
-    except OSError:
-        return 0
 
 
 async def eventually(

@@ -9,8 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -18,7 +16,15 @@ from typing import Any
 import pytest
 import redis.asyncio
 from redis_server import RedisServer, free_port
-from relay_harness import SECRET, collect_until, open_client, progress, token, wait_until
+from relay_harness import (
+    SECRET,
+    collect_until,
+    http_status,
+    open_client,
+    progress,
+    token,
+    wait_until,
+)
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -28,20 +34,10 @@ from relay.server import Relay
 Factory = Callable[..., Any]
 
 
-def _status(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - loopback test URL
-            return int(resp.status)
-    except urllib.error.HTTPError as e:
-        return e.code
-    except OSError:
-        return 0
-
-
 async def wait_status(url: str, expected: int, timeout: float = 20.0) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while (got := await asyncio.to_thread(_status, url)) != expected:
+    while (got := await asyncio.to_thread(http_status, url)) != expected:
         assert loop.time() < deadline, f"{url} stayed {got}, wanted {expected}"
         await asyncio.sleep(0.1)
 
