@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any, Final
@@ -167,8 +166,8 @@ class _Ops:
             return None
         try:
             return state_from_fields(raw)
-        except BadEntry:
-            logging.getLogger("relay.emitter").warning("unreadable batch hash skipped")
+        except BadEntry as e:
+            log.warning("unreadable_batch_hash_skipped", reason=e.reason, detail=e.detail)
             return None
 
 
