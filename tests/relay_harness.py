@@ -95,6 +95,15 @@ def http_status(url: str) -> int:
         return 0
 
 
+async def wait_http(url: str, expected: int, timeout: float = 20.0) -> None:
+    """Poll GET url until it answers `expected`; fail after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while (got := await asyncio.to_thread(http_status, url)) != expected:
+        assert loop.time() < deadline, f"{url} stayed {got}, wanted {expected}"
+        await asyncio.sleep(0.05)
+
+
 async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():

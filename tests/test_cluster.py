@@ -18,8 +18,8 @@ import redis.asyncio
 import redis.asyncio.cluster
 import redis.cluster
 from redis_server import RedisCluster
-from relay_harness import http_status
-from test_faults_redis import Watcher, all_exact, wait_http
+from relay_harness import http_status, wait_http
+from test_faults_redis import Watcher, all_exact
 
 from relay.emitter import AsyncEmitter, Emitter
 from relay.server import Relay

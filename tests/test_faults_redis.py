@@ -27,7 +27,7 @@ import redis.asyncio
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis_server import RedisServer, free_port
-from relay_harness import SECRET, http_status, token
+from relay_harness import SECRET, token, wait_http
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
@@ -51,14 +51,6 @@ async def eventually(
     while (problem := await check()) is not None:
         assert time.monotonic() < deadline, f"not reached in {timeout}s: {problem}"
         await asyncio.sleep(poll)
-
-
-async def wait_http(url: str, expected: int, timeout: float = 20.0) -> None:
-    async def check() -> str | None:
-        got = await asyncio.to_thread(http_status, url)
-        return None if got == expected else f"{url} is {got}, want {expected}"
-
-    await eventually(check, timeout, poll=0.05)
 
 
 def differs(payload: dict[str, Any] | None, state: BatchState | None) -> str | None:

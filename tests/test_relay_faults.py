@@ -19,10 +19,10 @@ from redis_server import RedisServer, free_port
 from relay_harness import (
     SECRET,
     collect_until,
-    http_status,
     open_client,
     progress,
     token,
+    wait_http,
     wait_until,
 )
 from websockets.asyncio.client import connect
@@ -32,14 +32,6 @@ from relay.emitter import AsyncEmitter
 from relay.server import Relay
 
 Factory = Callable[..., Any]
-
-
-async def wait_status(url: str, expected: int, timeout: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while (got := await asyncio.to_thread(http_status, url)) != expected:
-        assert loop.time() < deadline, f"{url} stayed {got}, wanted {expected}"
-        await asyncio.sleep(0.1)
 
 
 async def test_slow_consumer_closed_4008_while_others_keep_receiving(
@@ -102,7 +94,7 @@ async def test_sigterm_closes_clients_1012_and_exits_0(redis_url: str, prefix: s
     }
     proc = subprocess.Popen([sys.executable, "-m", "relay.cli", "serve"], env=env)
     try:
-        await wait_status(f"http://127.0.0.1:{port}/readyz", 200)
+        await wait_http(f"http://127.0.0.1:{port}/readyz", 200)
         clients = []
         for user in ("a", "b"):
             ws = await connect(f"ws://127.0.0.1:{port}/ws")
@@ -130,7 +122,7 @@ async def test_readyz_follows_redis_and_clients_survive(
     server = redis_server_factory(appendonly=True)
     relay: Relay = await relay_factory(redis={"url": server.url})
     ready = f"http://127.0.0.1:{relay.port}/readyz"
-    await wait_status(ready, 200)
+    await wait_http(ready, 200)
     before = str(uuid.uuid4())
     setup = redis.asyncio.Redis.from_url(server.url)
     try:
@@ -141,9 +133,9 @@ async def test_readyz_follows_redis_and_clients_survive(
     # The snapshot has been read (its frame arrived) before Redis goes away.
     await collect_until(ws, lambda f: progress(f, before) is not None)
     server.kill()
-    await wait_status(ready, 503)
+    await wait_http(ready, 503)
     server.restart()
-    await wait_status(ready, 200)
+    await wait_http(ready, 200)
     client = redis.asyncio.Redis.from_url(server.url)
     try:
         em = AsyncEmitter(client, prefix=prefix)
@@ -166,7 +158,7 @@ async def test_redis_restart_without_persistence_is_detected(
     server = redis_server_factory(appendonly=False)
     relay: Relay = await relay_factory(redis={"url": server.url})
     ready = f"http://127.0.0.1:{relay.port}/readyz"
-    await wait_status(ready, 200)
+    await wait_http(ready, 200)
     ws = await open_client(relay, "nora")
     b = str(uuid.uuid4())
 
@@ -183,9 +175,9 @@ async def test_redis_restart_without_persistence_is_detected(
         await emit(1)  # seq climbs to 6
     await collect_until(ws, lambda f: (p := progress(f, b)) is not None and p["seq"] == 6)
     server.kill()
-    await wait_status(ready, 503)
+    await wait_http(ready, 503)
     server.restart()  # empty: the batch starts again at seq 1
-    await wait_status(ready, 200)
+    await wait_http(ready, 200)
     await emit(10)
     frames = await collect_until(
         ws, lambda f: (p := progress(f, b)) is not None and p["status"] == "completed"
