@@ -19,8 +19,14 @@ from msgspec import Meta
 from relay.errors import ConfigError
 
 Positive = Annotated[int, Meta(ge=1)]
-NonNegative = Annotated[int, Meta(ge=0)]
-Seconds = Annotated[float, Meta(gt=0)]
+
+# Durations are finite and bounded (no inf/nan, no heartbeat of a nanosecond): relay.toml
+# documents each key's range.
+Timeout = Annotated[float, Meta(ge=0.1, le=3600)]  # seconds
+
+# Environment variables that are not config keys but are documented (anything else RELAY_* is
+# a typo and exits 2).
+DOCUMENTED_ENV: Final = frozenset({"RELAY_CONFIG"})
 
 HMAC_ALGORITHMS: Final = frozenset({"HS256", "HS384", "HS512"})
 PUBLIC_KEY_ALGORITHMS: Final = frozenset(
@@ -49,7 +55,7 @@ class ServerConfig(_Section, frozen=True):
     max_connections: Positive = 10_000
     max_connections_per_user: Positive = 20
     max_unauthenticated: Positive = 2_000
-    handshake_timeout_s: Seconds = 10.0
+    handshake_timeout_s: Timeout = 10.0
 
 
 class AuthConfig(_Section, frozen=True):
@@ -60,17 +66,18 @@ class AuthConfig(_Section, frozen=True):
     audience: str = ""
     issuer: str = ""
     required_claims: dict[str, str] = msgspec.field(default_factory=dict)
-    leeway_s: Annotated[float, Meta(ge=0)] = 0.0
-    auth_timeout_s: Seconds = 5.0
+    leeway_s: Annotated[float, Meta(ge=0, le=600)] = 0.0
+    auth_timeout_s: Timeout = 5.0
 
 
 class FanoutConfig(_Section, frozen=True):
-    min_interval_ms: NonNegative = 100
-    heartbeat_s: Seconds = 30.0
+    min_interval_ms: Annotated[int, Meta(ge=0, le=60_000)] = 100
+    heartbeat_s: Annotated[float, Meta(ge=1, le=3600)] = 30.0
     max_buffer_bytes: Annotated[int, Meta(ge=1024)] = 1_048_576
-    write_timeout_s: Seconds = 10.0
+    write_timeout_s: Timeout = 10.0
     max_message_bytes: Annotated[int, Meta(ge=256)] = 4096
-    max_client_messages_per_s: Seconds = 20.0
+    max_client_messages_per_s: Annotated[float, Meta(ge=0.1, le=10_000)] = 20.0
+    snapshot_max_batches: Annotated[int, Meta(ge=1, le=1_000_000)] = 10_000
 
 
 class RetentionConfig(_Section, frozen=True):
@@ -80,7 +87,7 @@ class RetentionConfig(_Section, frozen=True):
 
 
 class LifecycleConfig(_Section, frozen=True):
-    shutdown_timeout_s: Seconds = 10.0
+    shutdown_timeout_s: Timeout = 10.0
 
 
 class LogConfig(_Section, frozen=True):
@@ -131,12 +138,12 @@ def _env_overrides(env: Mapping[str, str], data: dict[str, Any]) -> None:
     sections = _sections()
     names = sorted(sections, key=len, reverse=True)
     for var, text in env.items():
-        if not var.startswith("RELAY_"):
+        if not var.startswith("RELAY_") or var in DOCUMENTED_ENV:
             continue
         rest = var[len("RELAY_") :].lower()
         section = next((s for s in names if rest.startswith(s + "_")), None)
-        if section is None:
-            continue  # not a config variable (e.g. RELAY_TEST_REDIS_URL)
+        if section is None:  # a typo must not pass silently
+            raise ConfigError(var, "unknown environment variable (not RELAY_<SECTION>_<KEY>)")
         key = rest[len(section) + 1 :]
         keys = {f.name for f in msgspec.structs.fields(sections[section])}
         if key not in keys:
@@ -217,5 +224,12 @@ def masked(cfg: Config) -> dict[str, Any]:
     out: dict[str, Any] = msgspec.to_builtins(cfg)
     if out["auth"]["secret"]:
         out["auth"]["secret"] = "***"
-    out["redis"]["url"] = re.sub(r"//([^:@/]*):[^@/]*@", r"//\1:***@", out["redis"]["url"])
+    out["redis"]["url"] = mask_url(out["redis"]["url"])
     return out
+
+
+def mask_url(url: str) -> str:
+    """A Redis URL with every credential redis-py accepts replaced by '***': the password in
+    `user:password@` and any `password=` query parameter (any case)."""
+    url = re.sub(r"//([^:@/]*):[^@/]*@", r"//\1:***@", url)
+    return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", url)

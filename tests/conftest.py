@@ -1,5 +1,5 @@
 """Redis fixtures. Tests only touch keys under their own `prefix`, on a server we spawned
-(or RELAY_TEST_REDIS_URL); nothing here ever FLUSHes or runs KEYS."""
+(or TEST_REDIS_URL); nothing here ever FLUSHes or runs KEYS."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from redis_server import RedisCluster, RedisServer, RedisUnavailable
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    if url := os.environ.get("RELAY_TEST_REDIS_URL"):
+    if url := os.environ.get("TEST_REDIS_URL"):
         yield url
         return
     with RedisServer() as server:

@@ -36,7 +36,7 @@ def test_env_overrides_every_kind_of_value() -> None:
             "RELAY_AUTH_REQUIRED_CLAIMS": "type=access,scope=progress",
             "RELAY_FANOUT_MIN_INTERVAL_MS": "250",
             "RELAY_FANOUT_WRITE_TIMEOUT_S": "2.5",
-            "RELAY_TEST_SOMETHING": "ignored: not a config section",
+            "RELAY_CONFIG": "documented: the config file (read by the CLI)",
         }
     )
     assert cfg.redis.url == "redis://10.0.0.1:6380/1" and cfg.redis.shards == 4
@@ -60,6 +60,25 @@ def test_env_overrides_every_kind_of_value() -> None:
         ("", {"RELAY_AUTH_ALGORITHMS": "none"}, "auth.algorithms"),
         ("", {"RELAY_SERVER_PATH": "ws"}, "server.path"),
         ("[retention]\nfinished_s = 100\nactive_s = 10\n", {}, "retention.finished_s"),
+        # A typo in a variable name is an error too, named as the variable (issue 9, item 10).
+        ("", {"RELAY_SERVR_PORT": "1"}, "RELAY_SERVR_PORT"),
+        ("", {"RELAY_PORT": "1"}, "RELAY_PORT"),
+        ("", {"RELAY_TEST_SOMETHING": "x"}, "RELAY_TEST_SOMETHING"),
+        # Durations and rates are finite and within documented bounds.
+        ("", {"RELAY_AUTH_LEEWAY_S": "inf"}, "auth.leeway_s"),
+        ("", {"RELAY_AUTH_LEEWAY_S": "nan"}, "auth.leeway_s"),
+        ("", {"RELAY_AUTH_LEEWAY_S": "-1"}, "auth.leeway_s"),
+        ("", {"RELAY_FANOUT_HEARTBEAT_S": "1e-9"}, "fanout.heartbeat_s"),
+        ("", {"RELAY_FANOUT_HEARTBEAT_S": "nan"}, "fanout.heartbeat_s"),
+        ("", {"RELAY_FANOUT_WRITE_TIMEOUT_S": "inf"}, "fanout.write_timeout_s"),
+        ("", {"RELAY_AUTH_AUTH_TIMEOUT_S": "1e308"}, "auth.auth_timeout_s"),
+        ("", {"RELAY_LIFECYCLE_SHUTDOWN_TIMEOUT_S": "-inf"}, "lifecycle.shutdown_timeout_s"),
+        ("", {"RELAY_SERVER_HANDSHAKE_TIMEOUT_S": "0"}, "server.handshake_timeout_s"),
+        ("", {"RELAY_FANOUT_MAX_CLIENT_MESSAGES_PER_S": "inf"}, "fanout.max_client_messages_per_s"),
+        ("", {"RELAY_FANOUT_MIN_INTERVAL_MS": "3600001"}, "fanout.min_interval_ms"),
+        ("", {"RELAY_FANOUT_SNAPSHOT_MAX_BATCHES": "0"}, "fanout.snapshot_max_batches"),
+        ("[fanout]\nheartbeat_s = inf\n", {}, "fanout.heartbeat_s"),
+        ("[auth]\nleeway_s = nan\n", {}, "auth.leeway_s"),
     ],
 )
 def test_invalid_config_names_the_key(
@@ -89,6 +108,24 @@ def test_masked_hides_secrets() -> None:
     assert out["auth"]["secret"] == "***" and "pw" not in out["redis"]["url"]
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://u:s3cr3t@h:1/0",
+        "redis://:s3cr3t@h:1/0",
+        "rediss://h:1/0?password=s3cr3t",
+        "redis://h:1/0?ssl_cert_reqs=none&password=s3cr3t&db=1",
+        "redis://h:1/0?PASSWORD=s3cr3t",
+        "unix:///run/redis.sock?password=s3cr3t&db=0",
+        "redis://u:s3cr3t@h:1/0?password=s3cr3t",
+    ],
+)
+def test_masked_hides_every_credential_form_of_the_url(url: str) -> None:
+    """Issue 9, item 9: `relay check` prints the config; no password may show."""
+    out = masked(load_config(env={"RELAY_REDIS_URL": url}))["redis"]["url"]
+    assert "s3cr3t" not in out and "***" in out, out
+
+
 def _relay(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     full = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")} | env
     return subprocess.run(
@@ -107,6 +144,10 @@ def test_cli_exits_2_with_one_line_naming_the_key() -> None:
     assert len(lines) == 1 and "server.port" in lines[0]
     out = _relay("serve", env={})
     assert out.returncode == 2 and "auth.secret" in out.stderr
+    out = _relay("check", env={"RELAY_SERVR_PORT": "1"})
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "RELAY_SERVR_PORT" in lines[0], lines
 
 
 def test_cli_check_and_emit_against_redis(redis_url: str, prefix: str) -> None:

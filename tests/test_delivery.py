@@ -387,3 +387,25 @@ def test_shuffled_seqs_single_batch(seqs: list[int], steps: list[int], take_ever
     assert taken[-1][1] == 29
     times = [t for t, _ in taken]
     assert all(b - a >= INTERVAL for a, b in itertools.pairwise(times))
+
+
+# -- terminal corrections --------------------------------------------------------------------------
+
+
+def test_change_from_one_terminal_status_to_another_is_due_at_once() -> None:
+    """completed, then a correction to failed within the interval: sent at once (SPEC.md 2)."""
+    box = Outbox(INTERVAL)
+    box.offer("b", 1, frame("b", 1), terminal="completed", now=0.0)
+    assert box.take_due(0.0) == [frame("b", 1)]
+    assert box.offer("b", 2, frame("b", 2), terminal="failed", now=10.0) is True
+    assert box.take_due(10.0) == [frame("b", 2)]
+
+
+def test_update_of_a_terminal_batch_that_keeps_its_status_is_throttled() -> None:
+    """Counters still move after completion (SPEC.md 1): those updates follow the interval."""
+    box = Outbox(INTERVAL)
+    box.offer("b", 1, frame("b", 1), terminal="completed", now=0.0)
+    box.take_due(0.0)
+    box.offer("b", 2, frame("b", 2), terminal="completed", now=10.0)
+    assert box.take_due(10.0) == []
+    assert box.next_due() == 100.0

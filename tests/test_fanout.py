@@ -28,12 +28,12 @@ class RecordingOutbox(Outbox):
         *,
         now: float,
         urgent: bool = False,
-        terminal: bool = False,
+        terminal: str | None = None,
     ) -> bool:
         slot = self._slots.get(batch_id)
         turned = (
-            terminal
-            and not (slot is not None and slot.terminal)
+            terminal is not None
+            and terminal != (slot.terminal if slot is not None else None)
             and seq > (slot.seq if slot else -1)
         )
         self.offers.append((batch_id, seq, urgent or turned))

@@ -8,7 +8,8 @@ Rules (docs/PROTOCOL.md, "Delivery"):
 - at most one frame per batch per `min_interval_ms`: the first change goes at once (leading
   edge); changes within the interval replace each other (conflation) and the latest goes when
   the interval ends (trailing edge);
-- a batch's turn to a terminal state goes at once;
+- a batch's turn to a terminal state, and any change from one terminal status to another,
+  goes at once;
 - a slow connection that has not taken its frames yet keeps only the latest frame per batch.
 Control frames (ping) are queued in order and always due.
 """
@@ -28,7 +29,7 @@ class _Slot:
     sent_at: float | None = None  # when the last frame of this batch was taken (ms)
     frame: Frame | None = None  # waiting frame, if any
     due: float = 0.0  # when the waiting frame may go (ms)
-    terminal: bool = False  # is the latest accepted state terminal
+    terminal: str | None = None  # the latest accepted state's status, when it is terminal
 
 
 class Outbox:
@@ -50,11 +51,12 @@ class Outbox:
         *,
         now: float,
         urgent: bool = False,
-        terminal: bool = False,
+        terminal: str | None = None,
     ) -> bool:
-        """Accept a frame. It skips the interval when `urgent`, or when it is `terminal` and
-        the last state this connection accepted for the batch was not (the batch's turn to a
-        terminal status goes at once, whatever other connections of the user saw).
+        """Accept a frame. `terminal` is the state's status when it is terminal. The frame skips
+        the interval when `urgent`, or when its terminal status differs from the last state this
+        connection accepted for the batch (a turn to a terminal status, or a correction from one
+        to another, goes at once, whatever other connections of the user saw).
 
         Returns True when the writer must look again: the frame is due now, or a new
         deadline appeared. A frame merged into one already waiting needs no wake-up.
@@ -65,7 +67,7 @@ class Outbox:
         if seq <= slot.seq:
             return False
         slot.seq = seq
-        urgent = urgent or (terminal and not slot.terminal)
+        urgent = urgent or (terminal is not None and terminal != slot.terminal)
         slot.terminal = terminal
         merged = slot.frame is not None
         if slot.frame is not None:

@@ -90,7 +90,7 @@ class FanOut:
         if room is None:
             return
         frame = room.frame(state, wall_ms)
-        terminal = state.terminal
+        terminal = state.status if state.terminal else None
         self.frames_built += 1
         for sub in room.subscribers:
             if sub.outbox.offer(state.batch_id, state.seq, frame, terminal=terminal, now=now):
@@ -105,7 +105,8 @@ class FanOut:
             return
         for state in states:
             frame = room.frame(state, wall_ms)
+            terminal = state.status if state.terminal else None
             sub.outbox.offer(
-                state.batch_id, state.seq, frame, urgent=True, terminal=state.terminal, now=now
+                state.batch_id, state.seq, frame, urgent=True, terminal=terminal, now=now
             )
         sub.wake(now)
