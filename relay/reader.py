@@ -10,18 +10,22 @@ entries were ever added to the stream up to that position, as far as it knows (X
 `entries-added` when it started, plus every entry it read since). Redis 7 counts every XADD in
 `entries-added`, so comparing the two tells whether entries the reader never saw have left the
 stream (trimmed past it while it was behind or stalled, or deleted), or whether the stream is a
-new one (Redis lost its data). The reader checks after every reconnect, after an empty or a full
-XREAD reply, and at least every GAP_CHECK_EVERY_S while entries flow. A lost entry keeps the
-count short until it is noticed, so a check that cannot decide (the reader is behind and the
-trim has not reached it) only delays detection to the next one.
+new one (Redis lost its data). The reader checks after every reconnect, after an empty XREAD
+reply, BEFORE it consumes a full one (a reply read from behind a trim starts after the gap
+without saying so: decided with the reply in hand, the loss is exact; decided after consuming
+it, the position has moved into the surviving entries and nothing can be decided until the
+reader reaches the tail), and at least every GAP_CHECK_EVERY_S while entries flow. A lost entry
+keeps the count short until it is noticed, so a check that cannot decide (the reader is behind
+and the trim has not reached it) only delays detection to the next one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -68,6 +72,19 @@ class StreamInfo:
             return self.entries_added - self.length - counted
         return None
 
+    def lost_before(self, position: EntryId, counted: int, reply: Sequence[EntryId]) -> int:
+        """Like lost_after, for a reader at `position` holding an unconsumed XREAD reply (ids
+        in order, non-empty) read before this XINFO: entries between `position` and the reply,
+        and after it, that left the stream unread. Always decided; < 0: another history."""
+        if self.last_generated < reply[-1]:
+            return -1
+        if self.first is not None and self.first <= position:
+            return 0  # nothing after our position was trimmed: the reply follows it
+        # The stream holds `length` entries from `first` on; the reply's entries from `first`
+        # on are among them. Everything else added after `position` is lost.
+        kept = len(reply) - bisect.bisect_left(reply, self.first) if self.first else 0
+        return self.entries_added - counted - len(reply) - (self.length - kept)
+
 
 class StreamReader:
     def __init__(
@@ -109,7 +126,10 @@ class StreamReader:
         stream = self._keys.stream(shard)
         failures = 0
         next_check = 0.0
+        task = asyncio.current_task()
         while True:
+            if task is not None and task.cancelling():  # a cancel that a Redis call swallowed
+                raise asyncio.CancelledError
             try:
                 if shard not in self.last_ids:
                     await self._start_at_tail(shard, stream)
@@ -122,17 +142,22 @@ class StreamReader:
                 if failures:
                     log.info("redis_reconnected", shard=shard, after_failures=failures)
                 failures = 0
-                read = 0
-                for _name, entries in reply or ():
-                    read += len(entries)
-                    await self._consume(shard, entries)
+                entries = reply[0][1] if reply else []
                 now = time.monotonic()
-                if read in (0, COUNT) or now >= next_check:  # idle, behind, or due
+                if len(entries) >= COUNT:  # behind: a trim past us hides in this reply
+                    next_check = now + GAP_CHECK_EVERY_S
+                    if await self._check_position(shard, stream, reply=entries):
+                        continue  # another history: the reply belongs to the lost one
+                if entries:
+                    await self._consume(shard, entries)
+                if not entries or now >= next_check:  # idle (at the tail), or due
                     next_check = now + GAP_CHECK_EVERY_S
                     await self._check_position(shard, stream)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # a Redis outage, or a bug in the client: back off, retry
+                if task is not None and task.cancelling():  # redis-py turned our cancel
+                    raise asyncio.CancelledError from e  # into a connection error
                 self._healthy[shard] = False
                 failures += 1
                 self._metrics.redis_reconnects.inc()
@@ -178,8 +203,16 @@ class StreamReader:
         if len(self.last_ids) == self._keys.shards:
             self.positioned.set()
 
-    async def _check_position(self, shard: int, stream: str, *, after_outage: bool = False) -> None:
-        """Did entries we have not read leave the stream, or is it a new stream?
+    async def _check_position(
+        self,
+        shard: int,
+        stream: str,
+        *,
+        after_outage: bool = False,
+        reply: Sequence[tuple[bytes, Any]] = (),
+    ) -> bool:
+        """Did entries we have not read leave the stream, or is it a new stream? With `reply`,
+        an XREAD reply not consumed yet. Returns True after a reset.
 
         A trim past us: resync the affected users from the batch hashes and read on from where
         we are. A new stream, or any loss found right after an outage (Redis may have restarted
@@ -188,10 +221,15 @@ class StreamReader:
         """
         info = await self._stream_info(stream)
         if info is None:
-            return
-        lost = info.lost_after(_id_tuple(self.last_ids[shard]), self._counted[shard])
+            return False
+        position = _id_tuple(self.last_ids[shard])
+        if reply:
+            ids = [_id_tuple(entry_id) for entry_id, _fields in reply]
+            lost: int | None = info.lost_before(position, self._counted[shard], ids)
+        else:
+            lost = info.lost_after(position, self._counted[shard])
         if not lost:
-            return
+            return False
         reset = lost < 0 or after_outage
         self._metrics.stream_gaps.inc()
         log.warning("stream_gap", shard=shard, reset=reset, lost_entries=max(lost, 0))
@@ -202,6 +240,7 @@ class StreamReader:
             self._counted[shard] += lost
         if self._on_gap is not None:
             self._on_gap(shard, reset)
+        return reset
 
     async def _consume(self, shard: int, entries: list[tuple[bytes, dict[Any, Any]]]) -> None:
         """Handle entries in order. Fanning one out may write to thousands of sockets, so the
