@@ -72,7 +72,7 @@ class AuthConfig(_Section, frozen=True):
 
 class FanoutConfig(_Section, frozen=True):
     min_interval_ms: Annotated[int, Meta(ge=0, le=60_000)] = 100
-    heartbeat_s: Annotated[float, Meta(ge=1, le=3600)] = 30.0
+    heartbeat_s: Timeout = 30.0
     max_buffer_bytes: Annotated[int, Meta(ge=1024)] = 1_048_576
     write_timeout_s: Timeout = 10.0
     max_message_bytes: Annotated[int, Meta(ge=256)] = 4096

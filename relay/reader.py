@@ -272,7 +272,7 @@ class StreamReader:
             log.exception("state_dispatch_failed", entry_id=entry_id.decode())
 
     def _reject(self, entry_id: bytes, reason: str, detail: str) -> None:
-        self._metrics.entries_rejected.labels(reason).inc()
+        self._metrics.rejected(reason)
         now = time.monotonic()
         if now - self._logged.get(reason, -REJECT_LOG_EVERY_S) >= REJECT_LOG_EVERY_S:
             self._logged[reason] = now

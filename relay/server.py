@@ -26,13 +26,13 @@ from websockets.http11 import Request, Response
 from relay.auth import Claims, TokenVerifier
 from relay.config import Config
 from relay.core.fanout import FanOut
-from relay.emitter import AsyncEmitter
 from relay.errors import AuthFailed
 from relay.keys import KeySpace
 from relay.metrics import CONTENT_TYPE, Metrics
 from relay.reader import BLOCK_MS, StreamReader
 from relay.redis_client import REDIS_ERRORS, AsyncClient, async_client
-from relay.session import SERVICE_RESTART, TOO_SLOW, Session
+from relay.session import AUTH_MESSAGE_MAX_BYTES, SERVICE_RESTART, TOO_SLOW, Session
+from relay.snapshot import read_snapshot
 from relay.wire import PING_TEXT, BatchState
 
 log = structlog.get_logger("relay.server")
@@ -61,9 +61,6 @@ class Relay:
         self._redis: AsyncClient = async_client(config.redis)
         self._reader_redis: AsyncClient = async_client(
             config.redis, socket_timeout=BLOCK_MS / 1000 + 10, retries=False
-        )
-        self.store = AsyncEmitter(
-            self._redis, prefix=config.redis.prefix, shards=config.redis.shards
         )
         self.reader = StreamReader(
             self._reader_redis, self.keys, self._on_state, self.metrics, on_gap=self._on_gap
@@ -95,15 +92,31 @@ class Relay:
             self.fanout.forget_seqs()
         self.spawn(self._resync())
 
+    async def read_snapshot(self, user_id: str) -> list[BatchState]:
+        """The user's live batches, most recently updated first, at most snapshot_max_batches."""
+        return await read_snapshot(
+            self._redis,
+            self.keys,
+            user_id,
+            limit=self.config.fanout.snapshot_max_batches,
+            now_ms=int(time.time() * 1000),
+        )
+
     async def _resync(self) -> None:
         users = self.fanout.user_ids()
         for attempt in range(RESYNC_ATTEMPTS):
             failed: list[str] = []
             for user_id in users:
                 try:
-                    states = await self.store.batches_for(user_id)
+                    states = await self.read_snapshot(user_id)
                 except REDIS_ERRORS as e:
-                    log.warning("resync_failed", user_id=user_id, error=repr(e), attempt=attempt)
+                    log.warning(
+                        "resync_failed",
+                        user_id=user_id,
+                        error=str(e),
+                        error_type=type(e).__name__,
+                        attempt=attempt,
+                    )
                     failed.append(user_id)
                     continue
                 for state in states:
@@ -182,7 +195,9 @@ class Relay:
             cfg.port,
             process_request=self._process_request,
             origins=origins,  # type: ignore[arg-type]
-            max_size=self.config.fanout.max_message_bytes,
+            # An auth message may carry any token the handshake accepts; the session holds
+            # every other client frame to max_message_bytes (1009).
+            max_size=max(self.config.fanout.max_message_bytes, AUTH_MESSAGE_MAX_BYTES),
             max_queue=16,
             ping_interval=None,  # the relay sends its own {"action":"ping"}
             close_timeout=2.0,
@@ -260,20 +275,24 @@ class Relay:
             return _route_response(conn, route(request))
         if self._stopping.is_set():
             return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "shutting down\n")
+        if not self.reader.positioned.is_set():
+            # Until the reader knows where the streams end, a snapshot could miss the entries
+            # written between its read and the reader's start: serve nobody yet.
+            return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "not ready: waiting for Redis\n")
         server_cfg = self.config.server
         if len(self.sessions) >= server_cfg.max_connections:
             return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
         if len(self.sessions) - self._authenticated >= server_cfg.max_unauthenticated:
             return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
         if len(request.headers.get_all("Authorization")) > 1:
-            self.metrics.auth_failures.labels("malformed").inc()
+            self.metrics.auth_failed("malformed")
             return conn.respond(HTTPStatus.UNAUTHORIZED, "more than one Authorization header\n")
         token = _handshake_token(request.headers, query)
         if token is not None:
             try:
                 self._handshake_claims[conn] = self.verifier.verify(token)
             except AuthFailed as e:
-                self.metrics.auth_failures.labels(e.reason).inc()
+                self.metrics.auth_failed(e.reason)
                 return conn.respond(HTTPStatus.UNAUTHORIZED, f"{e.message}\n")
         return None
 
@@ -293,7 +312,7 @@ class Relay:
             async with asyncio.timeout(READY_PING_TIMEOUT_S):
                 await self._redis.ping()
         except READY_ERRORS as e:
-            return False, f"redis unreachable: {type(e).__name__}"
+            return False, f"redis unreachable: {type(e).__name__}: {e}"
         if not self.reader.healthy:
             return False, "stream reader is not running"
         return True, "ok"
@@ -314,14 +333,12 @@ class Relay:
                 self.fanout.prune(now * 1000, time.time() * 1000, PRUNE_IDLE_MS)
             self.metrics.loop_lag.set(max(0.0, now - expected))
             expected = now + SWEEP_EVERY_S
+            write_timeout_ms = fanout_cfg.write_timeout_s * 1000
             for s in list(self.sessions):
                 self._collect(s)
                 if s.closing or s.user_id is None:
                     continue
-                stuck = (
-                    s.write_started is not None
-                    and now - s.write_started > fanout_cfg.write_timeout_s
-                )
+                stuck = s.waiting_ms(now * 1000) > write_timeout_ms
                 if stuck or s.unsent_bytes() > fanout_cfg.max_buffer_bytes:
                     self.metrics.slow_disconnects.inc()
                     log.info("slow_consumer", conn_id=s.id, user_id=s.user_id, stuck=stuck)

@@ -27,6 +27,7 @@ from relay.wire import (
     AuthError,
     AuthSuccess,
     BadClientFrame,
+    BatchState,
     ClientAuth,
     ClientPing,
     encode,
@@ -49,8 +50,15 @@ TOO_MANY_FOR_USER: Final = 4029
 POLICY_VIOLATION: Final = 1008  # client frames over fanout.max_client_messages_per_s
 TRY_AGAIN_LATER: Final = 1013
 SERVICE_RESTART: Final = 1012
+MESSAGE_TOO_BIG: Final = 1009
+
+# An auth message may carry any token the handshake accepts (an 8 KiB header line, as the
+# WebSocket library limits it) plus its JSON envelope; other client frames are held to
+# fanout.max_message_bytes.
+AUTH_MESSAGE_MAX_BYTES: Final = 8192 + 256
 
 CLOSE_GRACE_S: Final = 5.0  # how long a close handshake may take before the socket is aborted
+SNAPSHOT_CHUNK: Final = 100  # snapshot frames written per step (then the loop runs others)
 
 _ids = itertools.count(1)
 
@@ -65,13 +73,16 @@ class Session:
         self.claims = claims
         self.user_id: str | None = None
         self.outbox = Outbox(relay.config.fanout.min_interval_ms)
-        self.write_started: float | None = None  # monotonic s when the current write began
         self.closing = False
         self.counted = False  # counted as authenticated by the relay
         self.frames_sent = 0  # written since the sweeper last looked
         self._wake = asyncio.Event()
-        self._live = False  # snapshot offered: frames may be written
+        self._live = False  # snapshot written: frames may be written as they come
         self._draining = False  # the socket's buffer is over its limit: the writer waits
+        # Loop ms since when the socket's buffer has held data without ever emptying (None: it
+        # is empty). The buffer only grows in _flush, which looks before and after each write,
+        # so no emptying goes unseen: a client that reads a trickle cannot reset it.
+        self.waiting_since: float | None = None
         self._expiry: asyncio.TimerHandle | None = None
         self._opened = time.monotonic()
         self._bucket = MessageBucket(relay.config.fanout.max_client_messages_per_s)
@@ -95,6 +106,7 @@ class Session:
         ws = self.ws
         if ws.protocol.state is not State.OPEN:
             return
+        self.buffer_check()
         try:
             for frame in frames:
                 ws.protocol.send_text(frame)
@@ -104,11 +116,27 @@ class Session:
             return
         self.frames_sent += len(frames)  # the sweeper adds it to the metric (no lock per write)
         self._draining = ws.paused
+        if self.waiting_since is None and self.buffer_check():
+            self.waiting_since = now
 
     def unsent_bytes(self) -> int:
         transport = self.ws.transport
         buffered = transport.get_write_buffer_size() if transport is not None else 0
         return buffered + self.outbox.pending_bytes
+
+    def buffer_check(self) -> bool:
+        """Does the socket's buffer hold data? Forgets `waiting_since` when it is empty."""
+        transport = self.ws.transport
+        if transport is not None and transport.get_write_buffer_size() > 0:
+            return True
+        self.waiting_since = None
+        return False
+
+    def waiting_ms(self, now: float) -> float:
+        """How long (loop ms) the socket's buffer has held data without emptying."""
+        if self.waiting_since is None or not self.buffer_check():
+            return 0.0
+        return now - self.waiting_since
 
     # -- life -----------------------------------------------------------------------------------
 
@@ -130,21 +158,21 @@ class Session:
                 await self._close_reading(TOO_MANY_FOR_USER, "too many connections for this user")
                 return
             # Join before the first await, so that racing connects cannot pass the limit; live
-            # frames wait in the outbox until the snapshot has been offered.
+            # frames wait in the outbox until the snapshot has been written.
             fanout.join(claims.user_id, self)
             self.relay.track(self, authenticated=True)
+            # auth_success only once the snapshot is in hand: a client that hears it may reset
+            # its reconnect backoff, which must not happen while Redis is down.
+            try:
+                states = await self.relay.read_snapshot(claims.user_id)
+            except REDIS_ERRORS as e:
+                log.warning("snapshot_failed", error=str(e), error_type=type(e).__name__)
+                await self._close_reading(TRY_AGAIN_LATER, "snapshot unavailable, retry later")
+                return
             await self.ws.send(encode(AuthSuccess(claims.user_id)), text=True)
             log.info("connection_opened", via="handshake" if self.claims else "first_message")
             self._schedule_expiry(claims)
-            try:
-                states = await self.relay.store.batches_for(claims.user_id)
-            except REDIS_ERRORS as e:
-                log.warning("snapshot_failed", error=repr(e))
-                await self._close_reading(TRY_AGAIN_LATER, "snapshot unavailable, retry later")
-                return
-            self._live = True
-            fanout.snapshot(claims.user_id, self, states, _now_ms(), time.time() * 1000)
-            writer = asyncio.create_task(self._writer())
+            writer = asyncio.create_task(self._writer(states))
             await self._read_loop()
         except ConnectionClosed:
             pass
@@ -156,8 +184,8 @@ class Session:
             if self.user_id is not None:
                 self.relay.fanout.leave(self.user_id, self)
             self.relay.untrack(self)
-            code = self.ws.close_code if self.ws.close_code is not None else 1006
-            self.relay.metrics.closes.labels(str(code)).inc()
+            code = close_code(self.ws)
+            self.relay.metrics.closed(code)
             log.info(
                 "connection_closed",
                 code=code,
@@ -174,7 +202,13 @@ class Session:
         try:
             frame = parse_client_frame(message)
         except BadClientFrame as e:
-            await self._refuse(AuthFailed(BAD_FORMAT, str(e), "bad_format"))
+            if self._oversized(message):
+                await self._close_reading(MESSAGE_TOO_BIG, "message too big")
+            else:
+                await self._refuse(AuthFailed(BAD_FORMAT, str(e), "bad_format"))
+            return None
+        if not isinstance(frame, ClientAuth) and self._oversized(message):
+            await self._close_reading(MESSAGE_TOO_BIG, "message too big")
             return None
         if not isinstance(frame, ClientAuth):
             await self._refuse(
@@ -188,7 +222,7 @@ class Session:
             return None
 
     async def _refuse(self, e: AuthFailed) -> None:
-        self.relay.metrics.auth_failures.labels(e.reason).inc()
+        self.relay.metrics.auth_failed(e.reason)
         log.info("auth_failed", reason=e.reason, code=e.code)
         if self.closing:
             return
@@ -207,7 +241,14 @@ class Session:
             try:
                 frame = parse_client_frame(message)
             except BadClientFrame as e:
-                await self._close_reading(BAD_FORMAT, str(e))
+                too_big = self._oversized(message)
+                await self._close_reading(
+                    MESSAGE_TOO_BIG if too_big else BAD_FORMAT,
+                    "message too big" if too_big else str(e),
+                )
+                return
+            if not isinstance(frame, ClientAuth) and self._oversized(message):
+                await self._close_reading(MESSAGE_TOO_BIG, "message too big")
                 return
             if isinstance(frame, ClientAuth):
                 await self._refresh(frame.token)
@@ -215,6 +256,14 @@ class Session:
                 self.outbox.control(PONG_TEXT)
                 self.wake()
             # pong and other well-formed objects are ignored
+
+    def _oversized(self, message: str | bytes) -> bool:
+        """Over max_message_bytes (the library only enforces the auth message's larger cap)."""
+        limit = self.relay.config.fanout.max_message_bytes
+        if len(message) * 4 <= limit:  # a str of n chars is at most 4n bytes in UTF-8
+            return False
+        size = len(message) if isinstance(message, bytes) else len(message.encode())
+        return size > limit
 
     async def _refresh(self, token: str) -> None:
         """In-band token refresh: same user extends the connection; another user is refused."""
@@ -240,19 +289,40 @@ class Session:
     def _expired(self) -> None:
         self.relay.spawn(self.close(TOKEN_EXPIRED, "token expired"))
 
-    async def _writer(self) -> None:
-        """Write what the outbox says is due; sleep until the next deadline or a wake-up."""
+    async def _writer(self, snapshot: list[BatchState]) -> None:
+        """Write the snapshot, then what the outbox says is due; sleep until the next deadline
+        or a wake-up."""
         loop = asyncio.get_running_loop()
         with contextlib.suppress(ConnectionClosed, OSError):
+            await self._send_snapshot(loop, snapshot)
+            self._live = True
             await self._write_loop(loop)
+
+    async def _send_snapshot(
+        self, loop: asyncio.AbstractEventLoop, states: list[BatchState]
+    ) -> None:
+        """Write the snapshot (most recently updated first) in chunks, each only once the
+        socket has taken the previous one: a large snapshot never fills the buffer of a client
+        that reads it promptly, and never holds the event loop for long. Live frames queued
+        meanwhile go out with the chunks (a batch's newest state replaces its snapshot frame)."""
+        assert self.user_id is not None
+        fanout = self.relay.fanout
+        for start in range(0, len(states), SNAPSHOT_CHUNK):
+            now = loop.time() * 1000
+            chunk = states[start : start + SNAPSHOT_CHUNK]
+            fanout.snapshot(self.user_id, self, chunk, now, time.time() * 1000)
+            self._flush(now)
+            if self._draining:
+                await self.ws.drain()
+                self._draining = False
+            else:
+                await asyncio.sleep(0)
 
     async def _write_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         while True:
             self._wake.clear()
-            if self._draining:
-                self.write_started = loop.time()  # the sweeper closes it after write_timeout_s
+            if self._draining:  # the sweeper closes it when data waits over write_timeout_s
                 await self.ws.drain()
-                self.write_started = None
                 self._draining = False
             now = loop.time() * 1000
             self._flush(now)
@@ -295,6 +365,18 @@ class Session:
 
 def _now_ms() -> float:
     return asyncio.get_running_loop().time() * 1000
+
+
+def close_code(ws: ServerConnection) -> int:
+    """The close code of the connection as the server saw it: the one it sent when it closed
+    first, the peer's when the peer did, 1006 when no close frame went either way.
+    (`ws.close_code` is always the peer's.)"""
+    proto = ws.protocol
+    if proto.close_sent is not None and not proto.close_rcvd_then_sent:
+        return proto.close_sent.code
+    if proto.close_rcvd is not None:
+        return proto.close_rcvd.code
+    return 1006
 
 
 def _peer(ws: ServerConnection) -> str:

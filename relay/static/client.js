@@ -13,11 +13,23 @@
 // Protocol: docs/PROTOCOL.md. The client authenticates with its first message, answers pings,
 // refreshes its token before it expires, and reconnects with exponential backoff and jitter
 // except after close codes 1000 and 4001-4004 (a fresh token is asked for every connection).
+//
+// - The backoff starts over only once a connection has stayed up for STABLE_MS: a relay that
+//   accepts and then closes (1013 while Redis is down) cannot make it reconnect in a loop.
+// - Token refresh follows the token's own lifetime (exp - iat), counted from when the token was
+//   received on this machine's monotonic clock: a browser clock that is off changes nothing.
+// - Each new connection's snapshot replaces what the client knew (batches the relay no longer
+//   has are dropped), and frames are applied in the order the relay sends them: the relay never
+//   sends a batch backwards on one connection, except on purpose after Redis lost its data
+//   (batches then restart at seq 1).
 
 const NO_RECONNECT = new Set([1000, 4001, 4002, 4003, 4004]);
 const TOKEN_EXPIRED = 4005;
 const REFRESH_MARGIN_MS = 30_000;
+const MIN_REFRESH_MS = 5_000; // never refresh more often than this, whatever the token says
 const RETRY_REFRESH_MS = 5_000;
+const STABLE_MS = 10_000; // a connection up this long resets the reconnect backoff
+const SNAPSHOT_SETTLE_MS = 100; // after auth_success, one onChange for the snapshot's start
 
 export class ProgressClient {
   constructor({ url, getToken, onChange = () => {}, onStatus = () => {}, minBackoffMs = 500,
@@ -34,6 +46,10 @@ export class ProgressClient {
     this._attempt = 0;
     this._retryTimer = null;
     this._refreshTimer = null;
+    this._stableTimer = null;
+    this._settleTimer = null;
+    this._settling = false;
+    this._token = null; // { token, receivedAt (performance.now() ms) } of this connection
     this._closed = true;
   }
 
@@ -69,15 +85,15 @@ export class ProgressClient {
       return;
     }
     if (generation !== this._generation || this._closed) return;
+    this._token = { token, receivedAt: performance.now() };
     const ws = new WebSocket(this.url);
     this._ws = ws;
     ws.onopen = () => {
       ws.send(JSON.stringify({ type: "auth", token }));
       this.onStatus("authenticating");
-      this._scheduleRefresh(token, generation);
     };
     ws.onmessage = (event) => {
-      if (ws === this._ws) this._onMessage(ws, event.data); // not after close()
+      if (ws === this._ws) this._onMessage(ws, event.data, generation); // not after close()
     };
     ws.onclose = (event) => {
       if (generation !== this._generation || this._closed) return;
@@ -100,7 +116,7 @@ export class ProgressClient {
     this._open(ceiling / 2 + Math.random() * (ceiling / 2)); // exponential backoff, jitter
   }
 
-  _onMessage(ws, data) {
+  _onMessage(ws, data, generation) {
     let frame;
     try {
       frame = JSON.parse(data);
@@ -110,7 +126,11 @@ export class ProgressClient {
     if (frame === null || typeof frame !== "object") return;
     switch (frame.action) {
       case "auth_success":
-        this._attempt = 0;
+        if (this._stableTimer === null) {
+          this._stableTimer = setTimeout(() => { this._attempt = 0; }, STABLE_MS);
+          this._startSnapshot(); // the first auth_success of a connection: a snapshot follows
+        }
+        this._scheduleRefresh(generation); // also after an in-band refresh was accepted
         this.onStatus("connected", frame.user_id);
         break;
       case "auth_error":
@@ -126,19 +146,29 @@ export class ProgressClient {
     }
   }
 
-  _apply(payload) {
-    if (!payload || typeof payload.batch_id !== "string") return;
-    const known = this.batches.get(payload.batch_id);
-    if (known && typeof known.seq === "number" && payload.seq <= known.seq) return;
-    this.batches.set(payload.batch_id, payload);
-    this.onChange([...this.batches.values()]);
+  _startSnapshot() {
+    // The new connection's snapshot replaces what we knew; render once it has begun to arrive.
+    this.batches = new Map();
+    this._settling = true;
+    this._settleTimer = setTimeout(() => {
+      this._settling = false;
+      this.onChange([...this.batches.values()]);
+    }, SNAPSHOT_SETTLE_MS);
   }
 
-  _scheduleRefresh(token, generation) {
-    const exp = tokenExpiry(token);
-    if (exp === null) return;
-    const left = exp * 1000 - Date.now();
-    const wait = left > 2 * REFRESH_MARGIN_MS ? left - REFRESH_MARGIN_MS : Math.max(left / 2, 0);
+  _apply(payload) {
+    if (!payload || typeof payload.batch_id !== "string") return;
+    this.batches.set(payload.batch_id, payload);
+    if (!this._settling) this.onChange([...this.batches.values()]);
+  }
+
+  _scheduleRefresh(generation) {
+    const held = this._token;
+    const lifetime = held ? tokenLifetimeMs(held.token) : null;
+    if (lifetime === null) return;
+    const margin = Math.min(REFRESH_MARGIN_MS, lifetime / 2);
+    const due = held.receivedAt + lifetime - margin;
+    const wait = Math.max(MIN_REFRESH_MS, due - performance.now());
     clearTimeout(this._refreshTimer);
     this._refreshTimer = setTimeout(() => this._refresh(generation), wait);
   }
@@ -155,25 +185,47 @@ export class ProgressClient {
     }
     const ws = this._ws;
     if (generation !== this._generation || !ws || ws.readyState !== WebSocket.OPEN) return;
-    ws.send(JSON.stringify({ type: "auth", token }));
-    this._scheduleRefresh(token, generation);
+    this._token = { token, receivedAt: performance.now() };
+    ws.send(JSON.stringify({ type: "auth", token })); // the relay answers auth_success
   }
 
   _clearTimers() {
     clearTimeout(this._retryTimer);
     clearTimeout(this._refreshTimer);
-    this._retryTimer = this._refreshTimer = null;
+    clearTimeout(this._stableTimer);
+    clearTimeout(this._settleTimer);
+    this._retryTimer = this._refreshTimer = this._stableTimer = this._settleTimer = null;
+    if (this._settling) {
+      this._settling = false;
+      this.onChange([...this.batches.values()]);
+    }
   }
 }
 
-// The `exp` claim (seconds) of a JWT, or null. The signature is the server's business.
-export function tokenExpiry(token) {
+// The claims of a JWT, or null. The signature is the server's business.
+function tokenClaims(token) {
   try {
     const part = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
     const padded = part + "=".repeat((4 - (part.length % 4)) % 4);
-    const exp = JSON.parse(atob(padded)).exp;
-    return typeof exp === "number" ? exp : null;
+    const claims = JSON.parse(atob(padded));
+    return claims !== null && typeof claims === "object" ? claims : null;
   } catch {
     return null;
   }
+}
+
+// The `exp` claim (seconds) of a JWT, or null.
+export function tokenExpiry(token) {
+  const exp = tokenClaims(token)?.exp;
+  return typeof exp === "number" ? exp : null;
+}
+
+// How long (ms) a JWT is valid from when it was issued: exp - iat, both from the issuer's clock,
+// so this machine's clock does not matter. Without `iat`, the time left by this machine's clock
+// (the best there is). null without `exp`.
+export function tokenLifetimeMs(token) {
+  const claims = tokenClaims(token);
+  if (!claims || typeof claims.exp !== "number") return null;
+  if (typeof claims.iat === "number") return Math.max(0, (claims.exp - claims.iat) * 1000);
+  return Math.max(0, claims.exp * 1000 - Date.now());
 }
