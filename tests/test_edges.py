@@ -9,6 +9,7 @@ import itertools
 import json
 import os
 import signal
+import socket
 import threading
 import time
 import urllib.request
@@ -425,3 +426,82 @@ async def test_redis_stopped_10s_then_continued(redis_server_factory: Factory, p
         await client.aclose()
     finally:
         await relay.shutdown()
+
+
+# -- 12. a trickling client cannot evade write_timeout -------------------------------------------
+
+
+def _trickle(port: int, user: str, stop: threading.Event, out: dict[str, Any]) -> None:
+    """A client that reads 8 KiB every 50 ms (160 KiB/s) through a 4 KiB receive buffer."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(5)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(
+        f"GET /ws?token={token(user)} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    received = 0
+    try:
+        while not stop.is_set():
+            chunk = sock.recv(8192)
+            if not chunk:
+                out["eof"] = True
+                break
+            received += len(chunk)
+            time.sleep(0.05)
+    except OSError as e:
+        out["error"] = repr(e)
+    finally:
+        out["received"] = received
+        sock.close()
+
+
+@pytest.mark.slow
+async def test_trickling_client_is_closed_after_write_timeout(
+    relay_factory: Factory, aredis: redis.asyncio.Redis, prefix: str
+) -> None:
+    """Item 12: the timer used to restart after every partial drain, so a client that reads a
+    little at a time while updates keep coming was never closed. Now write_timeout counts from
+    when its buffer last emptied."""
+    relay: Relay = await relay_factory(
+        fanout={"min_interval_ms": 0, "write_timeout_s": 1.0, "max_buffer_bytes": 64 << 20}
+    )
+    em = AsyncEmitter(aredis, prefix=prefix)
+    batches = [bid() for _ in range(20)]
+    for b in batches:
+        await em.start(b, "kim", 1_000_000, label="L" * 200)
+    prompt = await open_client(relay, "kim")
+    stop, out = threading.Event(), {}
+    trickler = threading.Thread(target=_trickle, args=(relay.port, "kim", stop, out))
+    trickler.start()
+    drained = 0
+
+    async def read_promptly() -> None:
+        nonlocal drained
+        while True:
+            await recv_json(prompt, 10)
+            drained += 1
+
+    reading = asyncio.create_task(read_promptly())
+    try:
+        deadline = time.monotonic() + 20
+        i = 0
+        while relay.metrics.slow_disconnects._value.get() < 1:
+            assert time.monotonic() < deadline, "the trickling client was never closed"
+            pipe = [em.set(b, "kim", processed=i + 1) for b in batches]
+            await asyncio.gather(*pipe)
+            i += 1
+    finally:
+        stop.set()
+        await asyncio.to_thread(trickler.join, 10)
+        reading.cancel()
+        await asyncio.gather(reading, return_exceptions=True)
+    print(f"\ntrickler closed after {out.get('received', 0)} bytes; prompt reader took {drained}")
+    assert relay.metrics.slow_disconnects._value.get() == 1  # only the trickler
+    assert drained > 0
+    await prompt.send('{"action":"ping"}')  # the prompt reader is still connected
+    while (msg := await recv_json(prompt))["action"] != "pong":
+        assert msg["action"] == "batch_progress"
+    await prompt.close()
