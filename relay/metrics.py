@@ -53,8 +53,22 @@ class Metrics:
         self.loop_lag = Gauge(
             "relay_event_loop_lag_seconds", "How late the event loop ran a 1 s timer", registry=r
         )
+        self.ready = Gauge(
+            "relay_ready", "1 when /readyz answers 200 (evaluated at each scrape)", registry=r
+        )
+        self.jwks_fetches = Counter(
+            "relay_jwks_fetches",
+            "JWKS key set fetches by result (ok, error)",
+            ["result"],
+            registry=r,
+        )
+        for result in ("ok", "error"):
+            self.jwks_fetches.labels(result)
         self.connections.labels("authenticated").set(0)
         self.connections.labels("pending").set(0)
+
+    def jwks_fetched(self, ok: bool) -> None:
+        self.jwks_fetches.labels("ok" if ok else "error").inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
