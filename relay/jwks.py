@@ -21,7 +21,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 
@@ -52,9 +52,6 @@ class JwksKey:
     kid: str | None
     key: PublicKey
     algorithms: frozenset[str]
-
-
-KeySet: TypeAlias = Mapping[str | None, tuple[JwksKey, ...]]
 
 
 def parse_jwks(body: bytes, algorithms: Collection[str]) -> dict[str | None, tuple[JwksKey, ...]]:
@@ -188,7 +185,6 @@ class JwksCache:
         self.on_fetch = on_fetch  # called with True/False after each fetch (metrics)
         self._keys: dict[str | None, tuple[JwksKey, ...]] = {}
         self.loaded_at: float | None = None  # monotonic time of the last good fetch
-        self.fetches = 0  # attempts so far (ok or not)
         self._inflight: asyncio.Task[bool] | None = None
         self._last_unknown_refetch = -math.inf
 
@@ -204,9 +200,6 @@ class JwksCache:
             return self._keys.get(kid, ())
         every = [k for keys in self._keys.values() for k in keys]
         return tuple(every) if len(every) == 1 else ()
-
-    def kids(self) -> list[str | None]:
-        return list(self._keys)
 
     async def refresh(self) -> bool:
         """Fetch now, or join the fetch already running. True when it brought a key set."""
@@ -230,7 +223,6 @@ class JwksCache:
         await self.refresh()
 
     async def _fetch(self) -> bool:
-        self.fetches += 1
         try:
             body = await fetch_in_thread(self.url, self.timeout_s)
             keys = parse_jwks(body, self.algorithms)
