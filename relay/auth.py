@@ -3,30 +3,35 @@
 `TokenVerifier.from_config(cfg.auth)` loads the key once at startup (a bad key is a ConfigError);
 `verifier.verify(token)` returns `Claims(user_id, exp)` or raises `AuthFailed(4003, message,
 reason)`. The message is safe to send to the client; `reason` is one of `REASONS` (for metrics).
+
+With `[auth] jwks_url` the keys come from a `JwksCache` (`verifier.jwks`, whose `run()` the relay
+runs in the background): `await verifier.verify_async(token)` first awaits one rate-limited
+refetch when the token names a `kid` the cache does not hold (a key rotation), then verifies;
+`verify()` uses the keys held right now. While no key set was ever loaded, a token is refused
+with 1013 ("try again later", reason `keys_unavailable`): it may well be valid.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeAlias
 
 import jwt
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
-from cryptography.hazmat.primitives.asymmetric.ed448 import Ed448PublicKey
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt.types import Options
 
 from relay.config import HMAC_ALGORITHMS, PUBLIC_KEY_ALGORITHMS, AuthConfig
 from relay.errors import AuthFailed, ConfigError
+from relay.jwks import JwksCache, PublicKey
 
 INVALID_TOKEN: Final = 4003
+TRY_AGAIN_LATER: Final = 1013
 MAX_TOKEN_BYTES: Final = 8192
 MAX_USER_ID_CHARS: Final = 128
 REASONS: Final = frozenset(
@@ -41,10 +46,11 @@ REASONS: Final = frozenset(
         "bad_claim",
         "malformed",
         "too_large",
+        "unknown_key",
+        "keys_unavailable",
     }
 )
 
-PublicKey: TypeAlias = RSAPublicKey | EllipticCurvePublicKey | Ed25519PublicKey | Ed448PublicKey
 VerifyKey: TypeAlias = PublicKey | str
 
 # PyJWT exception -> (reason, message). Order matters: subclasses before their bases.
@@ -133,9 +139,13 @@ class TokenVerifier:
         issuer: str = "",
         required_claims: Mapping[str, str] | None = None,
         leeway_s: float = 0.0,
+        jwks: JwksCache | None = None,
     ) -> None:
+        """`key` verifies every token, unless `jwks` is given: then the token's `kid` picks
+        the key from the cache (and `key` is unused)."""
         self._algorithms = list(algorithms)
         self._key = key
+        self.jwks = jwks
         self._user_claim = user_claim
         self._audience = audience or None
         self._issuer = issuer or None
@@ -153,8 +163,11 @@ class TokenVerifier:
         }
 
     @classmethod
-    def from_config(cls, cfg: AuthConfig) -> TokenVerifier:
-        """Build a verifier, loading the key once. Raises ConfigError on a bad setup."""
+    def from_config(
+        cls, cfg: AuthConfig, *, on_jwks_fetch: Callable[[bool], None] | None = None
+    ) -> TokenVerifier:
+        """Build a verifier, loading the key once (or, with `jwks_url`, a JwksCache that is
+        still empty: run its `run()`). Raises ConfigError on a bad setup."""
         algs = list(cfg.algorithms)
         if not algs:
             raise ConfigError("auth.algorithms", "at least one algorithm is required")
@@ -165,6 +178,26 @@ class TokenVerifier:
         if hs_algs and len(hs_algs) != len(set(algs)):
             raise ConfigError("auth.algorithms", "cannot mix HMAC and public-key algorithms")
         key: VerifyKey
+        if cfg.jwks_url:
+            if hs_algs:
+                raise ConfigError("auth.algorithms", "auth.jwks_url needs public-key algorithms")
+            jwks = JwksCache(
+                cfg.jwks_url,
+                algorithms=algs,
+                cache_s=cfg.jwks_cache_s,
+                timeout_s=cfg.jwks_timeout_s,
+                on_fetch=on_jwks_fetch,
+            )
+            return cls(
+                algorithms=algs,
+                key="",
+                user_claim=cfg.user_claim,
+                audience=cfg.audience,
+                issuer=cfg.issuer,
+                required_claims=cfg.required_claims,
+                leeway_s=cfg.leeway_s,
+                jwks=jwks,
+            )
         if hs_algs:
             if not cfg.secret:
                 raise ConfigError("auth.secret", "required for HS* algorithms")
@@ -186,19 +219,64 @@ class TokenVerifier:
             leeway_s=cfg.leeway_s,
         )
 
+    async def verify_async(self, token: str, *, now: float | None = None) -> Claims:
+        """Like verify(), but a token naming a key that the JWKS cache does not hold first
+        waits for one refetch (rate-limited, at most `jwks_timeout_s`; the loop keeps running).
+        """
+        jwks = self.jwks
+        if jwks is not None and isinstance(token, str) and len(token) <= MAX_TOKEN_BYTES:
+            with contextlib.suppress(AuthFailed):  # verify() below reports a bad header
+                _alg, kid = self._header(token)
+                if not jwks.keys_for(kid):
+                    await jwks.refetch_unknown()
+        return self.verify(token, now=now)
+
+    def _header(self, token: str) -> tuple[str, str | None]:
+        """The token's allowed `alg` and its `kid` (None when absent), from the unverified
+        header. Raises AuthFailed."""
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as e:
+            raise _fail("malformed", "malformed token") from e
+        alg, kid = header.get("alg"), header.get("kid")
+        if not isinstance(alg, str) or alg not in self._algorithms:
+            raise _fail("bad_algorithm", "token algorithm not allowed")
+        if kid is not None and not isinstance(kid, str):
+            raise _fail("malformed", "malformed token")
+        return alg, kid
+
+    def _jwks_key(self, jwks: JwksCache, token: str) -> tuple[VerifyKey, list[str]]:
+        """The key (and the one algorithm) to verify `token` with, picked by its `kid`."""
+        alg, kid = self._header(token)
+        if not jwks.loaded:
+            raise AuthFailed(
+                TRY_AGAIN_LATER, "signing keys not loaded yet, retry later", "keys_unavailable"
+            )
+        candidates = jwks.keys_for(kid)
+        if not candidates:
+            raise _fail("unknown_key", "token signed with an unknown key")
+        for candidate in candidates:
+            if alg in candidate.algorithms:
+                return candidate.key, [alg]
+        raise _fail("bad_algorithm", "token algorithm does not match its key")
+
     def verify(self, token: str, *, now: float | None = None) -> Claims:
-        """Verify `token` at time `now` (default: the real clock). Raises AuthFailed(4003)."""
+        """Verify `token` at time `now` (default: the real clock). Raises AuthFailed(4003)
+        (or 1013 while a JWKS key set was never loaded)."""
         if not isinstance(token, str) or not token:
             raise _fail("malformed", "malformed token")
         if len(token) > MAX_TOKEN_BYTES:
             raise _fail("too_large", "token too large")
         if not token.isascii():  # compact JWS is base64url and dots only
             raise _fail("malformed", "malformed token")
+        key, algorithms = (
+            (self._key, self._algorithms) if self.jwks is None else self._jwks_key(self.jwks, token)
+        )
         try:
             payload = jwt.decode(
                 token,
-                self._key,
-                algorithms=self._algorithms,
+                key,
+                algorithms=algorithms,
                 options=self._options,
                 audience=self._audience,
                 issuer=self._issuer,

@@ -12,6 +12,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Final
+from urllib.parse import urlsplit
 
 import msgspec
 from msgspec import Meta
@@ -68,6 +69,9 @@ class AuthConfig(_Section, frozen=True):
     required_claims: dict[str, str] = msgspec.field(default_factory=dict)
     leeway_s: Annotated[float, Meta(ge=0, le=600)] = 0.0
     auth_timeout_s: Timeout = 5.0
+    jwks_url: str = ""
+    jwks_cache_s: Annotated[float, Meta(ge=1, le=86_400)] = 300.0
+    jwks_timeout_s: Annotated[float, Meta(ge=0.1, le=60)] = 5.0
 
 
 class FanoutConfig(_Section, frozen=True):
@@ -181,10 +185,26 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError(
             "auth.algorithms", "cannot mix HMAC (HS*) and public-key algorithms (confusion risk)"
         )
+    _jwks_checks(cfg.auth)
     if cfg.retention.finished_s > cfg.retention.active_s:
         raise ConfigError("retention.finished_s", "must not exceed retention.active_s")
     if not cfg.redis.url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError("redis.url", "must start with redis://, rediss:// or unix://")
+
+
+def _jwks_checks(auth: AuthConfig) -> None:
+    if not auth.jwks_url:
+        return
+    url = urlsplit(auth.jwks_url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ConfigError("auth.jwks_url", "must be an http:// or https:// URL with a host")
+    if set(auth.algorithms) & HMAC_ALGORITHMS:
+        raise ConfigError(
+            "auth.algorithms",
+            "auth.jwks_url needs public-key algorithms (e.g. RS256, ES256), not HS*",
+        )
+    if auth.public_key_file:
+        raise ConfigError("auth.public_key_file", "cannot be combined with auth.jwks_url")
 
 
 def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
@@ -213,6 +233,8 @@ def require_verifier(cfg: Config) -> None:
     if set(cfg.auth.algorithms) & HMAC_ALGORITHMS:
         if not cfg.auth.secret:
             raise ConfigError("auth.secret", "required for HS* algorithms (no default secret)")
+    elif cfg.auth.jwks_url:
+        return  # keys come from the JWKS endpoint (load_config checked the URL)
     elif not cfg.auth.public_key_file:
         raise ConfigError("auth.public_key_file", "required for public-key algorithms")
     elif not Path(cfg.auth.public_key_file).is_file():

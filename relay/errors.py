@@ -45,3 +45,7 @@ class AuthFailed(RelayError):
         self.code = code
         self.message = message
         self.reason = reason  # short label for metrics and logs
+
+
+class JwksError(RelayError):
+    """A JWKS endpoint could not be read, or its answer holds no usable key."""

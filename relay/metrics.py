@@ -23,7 +23,7 @@ CLOSE_CODES: Final = (
 # relay.auth.REASONS plus the first-message failures of relay.session.
 AUTH_FAILURE_REASONS: Final = (
     "expired", "not_yet_valid", "bad_signature", "bad_algorithm", "bad_audience", "bad_issuer",
-    "missing_claim", "bad_claim", "malformed", "too_large",
+    "missing_claim", "bad_claim", "malformed", "too_large", "unknown_key", "keys_unavailable",
     "timeout", "bad_format", "not_auth", "other_user", OTHER,
 )  # fmt: skip
 # relay.wire's BadEntry reasons, and `unreadable` (any other failure to read an entry).
@@ -32,6 +32,7 @@ REJECT_REASONS: Final = (
     "bad_encoding", "unreadable", OTHER,
 )  # fmt: skip
 CONNECTION_STATES: Final = ("authenticated", "pending")
+JWKS_FETCH_RESULTS: Final = ("ok", "error")
 
 
 def _known(value: str, known: tuple[str, ...]) -> str:
@@ -83,11 +84,21 @@ class Metrics:
         self.loop_lag = Gauge(
             "relay_event_loop_lag_seconds", "How late the event loop ran a 1 s timer", registry=r
         )
+        self.ready = Gauge(
+            "relay_ready", "1 when /readyz answers 200 (evaluated at each scrape)", registry=r
+        )
+        self.jwks_fetches = Counter(
+            "relay_jwks_fetches",
+            "JWKS key set fetches by result (ok, error)",
+            ["result"],
+            registry=r,
+        )
         for labelled, values in (
             (self.connections, CONNECTION_STATES),
             (self.closes, CLOSE_CODES),
             (self.auth_failures, AUTH_FAILURE_REASONS),
             (self.entries_rejected, REJECT_REASONS),
+            (self.jwks_fetches, JWKS_FETCH_RESULTS),
         ):
             for value in values:
                 labelled.labels(value)
@@ -100,6 +111,9 @@ class Metrics:
 
     def rejected(self, reason: str) -> None:
         self.entries_rejected.labels(_known(reason, REJECT_REASONS)).inc()
+
+    def jwks_fetched(self, ok: bool) -> None:
+        self.jwks_fetches.labels("ok" if ok else "error").inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -31,7 +31,13 @@ from relay.keys import KeySpace
 from relay.metrics import CONTENT_TYPE, Metrics
 from relay.reader import BLOCK_MS, StreamReader
 from relay.redis_client import REDIS_ERRORS, AsyncClient, async_client
-from relay.session import AUTH_MESSAGE_MAX_BYTES, SERVICE_RESTART, TOO_SLOW, Session
+from relay.session import (
+    AUTH_MESSAGE_MAX_BYTES,
+    SERVICE_RESTART,
+    TOO_SLOW,
+    TRY_AGAIN_LATER,
+    Session,
+)
 from relay.snapshot import read_snapshot
 from relay.wire import PING_TEXT, BatchState
 
@@ -56,7 +62,9 @@ class Relay:
         self.routes: dict[str, Route] = dict(routes or {})
         self.metrics = Metrics()
         self.fanout = FanOut()
-        self.verifier = TokenVerifier.from_config(config.auth)
+        self.verifier = TokenVerifier.from_config(
+            config.auth, on_jwks_fetch=self.metrics.jwks_fetched
+        )
         self.keys = KeySpace(config.redis.prefix, config.redis.shards)
         self._redis: AsyncClient = async_client(config.redis)
         self._reader_redis: AsyncClient = async_client(
@@ -172,6 +180,8 @@ class Relay:
         # Find the streams' tails before accepting anyone: a client's snapshot and the live
         # entries after it then always meet. With Redis down, start anyway (/readyz says 503).
         self.spawn(self.reader.run())
+        if self.verifier.jwks is not None:
+            self.spawn(self.verifier.jwks.run())
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(STARTUP_POSITION_TIMEOUT_S):
                 await self.reader.positioned.wait()
@@ -267,6 +277,7 @@ class Relay:
                 "application/json",
             )
         if path == "/metrics":
+            await self.readiness()  # sets relay_ready for this scrape
             return _response(conn, HTTPStatus.OK, self.metrics.render().decode(), CONTENT_TYPE)
         if path != self.config.server.path:
             route = self.routes.get(path)
@@ -290,10 +301,15 @@ class Relay:
         token = _handshake_token(request.headers, query)
         if token is not None:
             try:
-                self._handshake_claims[conn] = self.verifier.verify(token)
+                self._handshake_claims[conn] = await self.verifier.verify_async(token)
             except AuthFailed as e:
                 self.metrics.auth_failed(e.reason)
-                return conn.respond(HTTPStatus.UNAUTHORIZED, f"{e.message}\n")
+                status = (
+                    HTTPStatus.SERVICE_UNAVAILABLE  # no JWKS keys yet: the token may be fine
+                    if e.code == TRY_AGAIN_LATER
+                    else HTTPStatus.UNAUTHORIZED
+                )
+                return conn.respond(status, f"{e.message}\n")
         return None
 
     async def _handle(self, ws: ServerConnection) -> None:
@@ -306,6 +322,11 @@ class Relay:
         await session.run()
 
     async def readiness(self) -> tuple[bool, str]:
+        ready, reason = await self._readiness()
+        self.metrics.ready.set(1 if ready else 0)
+        return ready, reason
+
+    async def _readiness(self) -> tuple[bool, str]:
         if self._stopping.is_set():
             return False, "shutting down"
         try:
@@ -315,6 +336,8 @@ class Relay:
             return False, f"redis unreachable: {type(e).__name__}: {e}"
         if not self.reader.healthy:
             return False, "stream reader is not running"
+        if self.verifier.jwks is not None and not self.verifier.jwks.loaded:
+            return False, "no JWKS key set loaded yet"
         return True, "ok"
 
     # -- periodic work ----------------------------------------------------------------------------

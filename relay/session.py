@@ -216,7 +216,7 @@ class Session:
             )
             return None
         try:
-            return self.relay.verifier.verify(frame.token)
+            return await self.relay.verifier.verify_async(frame.token)
         except AuthFailed as e:
             await self._refuse(e)
             return None
@@ -268,7 +268,7 @@ class Session:
     async def _refresh(self, token: str) -> None:
         """In-band token refresh: same user extends the connection; another user is refused."""
         try:
-            claims = self.relay.verifier.verify(token)
+            claims = await self.relay.verifier.verify_async(token)
         except AuthFailed as e:
             await self._refuse(e)
             return

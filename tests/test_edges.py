@@ -473,7 +473,7 @@ async def test_trickling_client_is_closed_after_write_timeout(
     for b in batches:
         await em.start(b, "kim", 1_000_000, label="L" * 200)
     prompt = await open_client(relay, "kim")
-    stop, out = threading.Event(), {}
+    stop, out = threading.Event(), dict[str, Any]()
     trickler = threading.Thread(target=_trickle, args=(relay.port, "kim", stop, out))
     trickler.start()
     drained = 0
