@@ -171,6 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = command("demo", "everything on one machine: Redis, relay, workers, a live page")
     demo.add_argument("--port", type=int, default=8765, help="HTTP/WebSocket port (0: any)")
     demo.add_argument("--no-browser", action="store_true", help="accepted for compatibility")
+    demo.add_argument(
+        "--config-secret",
+        action="store_true",
+        help="sign the page's tokens with the configured [auth] secret (default: a random one)",
+    )
     demo.set_defaults(func=cmd_demo)
     return p
 

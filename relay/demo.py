@@ -45,13 +45,13 @@ def run_demo(args: argparse.Namespace) -> int:
     cfg = load_config(args.config or os.environ.get("RELAY_CONFIG") or None)
     configure("warning", cfg.log.format)  # keep the terminal for the URL and the status line
     try:
-        return asyncio.run(_main(cfg, args.port))
+        return asyncio.run(_main(cfg, args.port, config_secret=args.config_secret))
     except RelayError as e:
         print(f"relay demo: {e}", file=sys.stderr)
         return 1
 
 
-async def _main(cfg: Config, port: int) -> int:
+async def _main(cfg: Config, port: int, *, config_secret: bool = False) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -64,7 +64,7 @@ async def _main(cfg: Config, port: int) -> int:
             embedded = await stack.enter_async_context(EmbeddedRedis())
             cfg = replace(cfg, redis=replace(cfg.redis, url=embedded.url, cluster=False))
             redis_note = f"redis: embedded at {embedded.url} (pid {embedded.pid})"
-        cfg = _demo_config(cfg, port)
+        cfg = _demo_config(cfg, port, config_secret=config_secret)
         relay = Relay(cfg, routes=_routes(cfg))
         try:
             await relay.start()
@@ -115,10 +115,12 @@ async def _answers_ping(cfg: Config) -> bool:
             await client.aclose()
 
 
-def _demo_config(cfg: Config, port: int) -> Config:
-    """Private key prefix, local-only listener, short retention; a dev secret if none is set."""
+def _demo_config(cfg: Config, port: int, *, config_secret: bool = False) -> Config:
+    """Private key prefix, local-only listener, short retention, and its own random secret:
+    the demo page hands tokens to anyone on localhost, so it never signs with a configured
+    (perhaps production) secret unless asked to (`relay demo --config-secret`)."""
     auth = cfg.auth
-    if not (set(auth.algorithms) & HMAC_ALGORITHMS and auth.secret):
+    if not (config_secret and set(auth.algorithms) & HMAC_ALGORITHMS and auth.secret):
         auth = AuthConfig(secret=secrets.token_urlsafe(32))
     return replace(
         cfg,

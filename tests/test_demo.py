@@ -188,3 +188,17 @@ def test_missing_redis_binary_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr("relay.embedded.importlib.util.find_spec", lambda _name: None)
     with pytest.raises(RelayError, match=r"pip install progress-relay\[embedded\]"):
         embedded.find_redis_server()
+
+
+def test_demo_signs_with_its_own_secret_unless_asked() -> None:
+    """Issue 9, item 14: the demo's token route serves anyone on localhost, so a configured
+    (production) secret is not used to sign its tokens unless --config-secret says so."""
+    from relay.config import load_config  # noqa: PLC0415
+    from relay.demo import _demo_config  # noqa: PLC0415
+
+    cfg = load_config(env={"RELAY_AUTH_SECRET": "production-secret-value"})
+    demo_cfg = _demo_config(cfg, 0)
+    assert demo_cfg.auth.secret and demo_cfg.auth.secret != "production-secret-value"
+    assert _demo_config(cfg, 0).auth.secret != demo_cfg.auth.secret  # random each run
+    asked = _demo_config(cfg, 0, config_secret=True)
+    assert asked.auth.secret == "production-secret-value"
