@@ -1,0 +1,50 @@
+"""The work every queue's test app runs: 50 jobs, some fail once, some always fail.
+
+Configured by the environment the test gives the worker processes:
+TQ_BROKER_URL (the queue's Redis), TQ_PROGRESS_URL and TQ_PROGRESS_PREFIX (the relay's Redis).
+Each attempt of job i increments `attempts:<i>` on the broker's Redis, so the test can check
+how often each job really ran.
+"""
+
+from __future__ import annotations
+
+import os
+
+import redis
+
+from relay.emitter import Emitter
+
+BROKER_URL = os.environ.get("TQ_BROKER_URL", "redis://127.0.0.1:6379/15")
+PROGRESS_URL = os.environ.get("TQ_PROGRESS_URL", "redis://127.0.0.1:6379/15")
+PREFIX = os.environ.get("TQ_PROGRESS_PREFIX", "progress")
+MAX_RETRIES = 2
+
+
+class FileFailed(Exception):
+    """The job's (simulated) work failed."""
+
+
+def kind(i: int) -> str:
+    """doomed: fails every attempt; flaky: fails its first attempt only; ok: never fails."""
+    if i % 10 == 1:
+        return "doomed"
+    if i % 10 in (2, 5):
+        return "flaky"
+    return "ok"
+
+
+_broker: redis.Redis | None = None
+
+
+def process(i: int) -> None:
+    global _broker  # noqa: PLW0603 - one client per process
+    if _broker is None:
+        _broker = redis.Redis.from_url(BROKER_URL)
+    attempt = int(_broker.incr(f"attempts:{i}"))
+    k = kind(i)
+    if k == "doomed" or (k == "flaky" and attempt == 1):
+        raise FileFailed(f"file {i} ({k}) failed on attempt {attempt}")
+
+
+def emitter() -> Emitter:
+    return Emitter(redis.Redis.from_url(PROGRESS_URL), prefix=PREFIX, best_effort=True)
