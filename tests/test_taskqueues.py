@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import redis
 from redis_server import RedisServer
-from relay_harness import collect_until, make_config, open_client, progress
+from relay_harness import collect_until, make_config, open_client, progress, wait_until
 
 from relay.emitter import Emitter
 from relay.server import Relay
@@ -56,6 +56,7 @@ class Workers:
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.log_paths: dict[int, Path] = {}
 
     def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         log = self.log_dir / f"{name}.log"
@@ -70,7 +71,11 @@ class Workers:
                 start_new_session=True,  # its pid is its group's id: children end with it
             )
         self.procs.append(proc)
+        self.log_paths[proc.pid] = log
         return proc
+
+    def log_text(self, proc: subprocess.Popen[bytes]) -> str:
+        return self.log_paths[proc.pid].read_text(errors="replace")
 
     def logs(self, lines: int = 40) -> str:
         parts = []
@@ -289,3 +294,53 @@ async def test_rq_batch(
         )
     finally:
         connection.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+async def test_rq_jobs_unharmed_when_progress_redis_is_down(
+    setup: Setup, workers: Workers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RQ fails a job whose callback raises: an unreachable progress Redis must not."""
+    from rq import Queue, Retry  # noqa: PLC0415
+    from rq.job import Job, JobStatus  # noqa: PLC0415
+
+    from relay.integrations.rq import enqueue_batch  # noqa: PLC0415
+
+    setup.store.stop()  # every report, the app's start and the workers' items, fails
+    log = workers.start(
+        "rq",
+        [sys.executable, "-m", "rq.cli", "worker", "--url", setup.broker.url, "default"],
+        setup.env,
+    )
+    app = setup.load("rq_jobs", monkeypatch)
+    with redis.Redis.from_url(setup.broker.url) as connection:
+        queue = Queue("default", connection=connection)
+        data = [
+            Queue.prepare_data(app.process_file, (i,), retry=Retry(max=jobs.MAX_RETRIES))
+            for i in range(JOBS)
+        ]
+        down = setup.store.client(socket_timeout=2, retries=0)
+        app_emitter = Emitter(down, prefix=setup.prefix, best_effort=True)  # start: logged
+        sent = await asyncio.to_thread(
+            enqueue_batch, app_emitter, queue, str(uuid.uuid4()), USER, data
+        )
+        down.close()
+        ids = [job.id for job in sent]
+        final = {JobStatus.FINISHED, JobStatus.FAILED}
+
+        def statuses() -> list[JobStatus | None]:
+            return [j.get_status() if j else None for j in Job.fetch_many(ids, connection)]
+
+        try:
+            await wait_until(lambda: all(s in final for s in statuses()), timeout=50.0)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{workers.logs()}") from e
+        got = statuses()
+        attempts = {i: int(connection.get(f"attempts:{i}") or 0) for i in range(JOBS)}
+    assert got.count(JobStatus.FINISHED) == EXPECTED_OK
+    assert got.count(JobStatus.FAILED) == EXPECTED_FAILED
+    assert attempts == EXPECTED_ATTEMPTS
+    # every final outcome tried its one report, and logged its failure
+    reported = workers.log_text(log).count("progress_report_failed")
+    assert reported == JOBS, workers.logs()

@@ -71,14 +71,6 @@ def apply_batch(
     return start_and_send(emitter, batch_id, user_id, list(signatures), send, label=label)
 
 
-def _request_tags(task: Any, task_id: str | None) -> tuple[str, str] | None:
-    """The batch tags of the task's current request, if it is the request of `task_id`."""
-    request = getattr(task, "request", None)
-    if request is None or (task_id is not None and request.id != task_id):
-        return None
-    return tagged(request.headers) or tagged(vars(request))
-
-
 class BatchProgress:
     """Signal receivers that report one `item` per tagged task's final outcome.
 
@@ -105,14 +97,16 @@ class BatchProgress:
 
     def _report(self, task: Any, task_id: str | None, *, ok: bool) -> None:
         try:
-            tag = _request_tags(task, task_id)
-            item_id = task_id or task.request.id
-        except Exception as e:  # never break the task: a receiver that raises is only logged
+            request = task.request
+            if task_id is not None and request.id != task_id:
+                # a failure Celery signals outside the task's call without its request (a hard
+                # time limit): whether the task was tagged can't be told
+                log.info("job_outcome_without_request", queue=QUEUE, item_id=task_id, ok=ok)
+                return
+            tag = tagged(request.headers) or tagged(vars(request))
+            item_id = str(request.id)
+        except Exception as e:  # never break the task (Celery would only log it, too)
             log.warning("job_outcome_not_reported", queue=QUEUE, ok=ok, error=repr(e))
             return
-        if tag is None:
-            if task_id is not None and task is not None:
-                # a failure signalled outside the task's call; tagged tasks can't be told apart
-                log.debug("untagged_or_detached_failure", queue=QUEUE, item_id=task_id)
-            return
-        report(self.emitter, QUEUE, tag, str(item_id), ok=ok)
+        if tag is not None:
+            report(self.emitter, QUEUE, tag, item_id, ok=ok)

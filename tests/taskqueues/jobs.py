@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from relay.emitter import Emitter
 
@@ -47,4 +49,8 @@ def process(i: int) -> None:
 
 
 def emitter() -> Emitter:
-    return Emitter(redis.Redis.from_url(PROGRESS_URL), prefix=PREFIX, best_effort=True)
+    """The workers' emitter: best effort, with a client that fails fast when Redis is away."""
+    client = redis.Redis.from_url(
+        PROGRESS_URL, socket_timeout=2, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0)
+    )
+    return Emitter(client, prefix=PREFIX, best_effort=True)
