@@ -74,6 +74,13 @@ class Workers:
         self.log_paths[proc.pid] = log
         return proc
 
+    def start_all(
+        self, queue: str, setup: Setup, count: int | None = None
+    ) -> list[subprocess.Popen[bytes]]:
+        """The queue's worker processes (tests/taskqueues/jobs.py), the first `count` of them."""
+        argvs = jobs.worker_argvs(queue, setup.broker.url)[:count]
+        return [self.start(f"{queue}-{n}", argv, setup.env) for n, argv in enumerate(argvs)]
+
     def log_text(self, proc: subprocess.Popen[bytes]) -> str:
         return self.log_paths[proc.pid].read_text(errors="replace")
 
@@ -202,11 +209,7 @@ async def test_dramatiq_batch(
     emitter: Emitter,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    workers.start(
-        "dramatiq",
-        [sys.executable, "-m", "dramatiq", "dramatiq_app", "--processes", "1", "--threads", "4"],
-        setup.env,
-    )
+    workers.start_all("dramatiq", setup)
     app = setup.load("dramatiq_app", monkeypatch)
     from relay.integrations.dramatiq import send_batch  # noqa: PLC0415
 
@@ -233,13 +236,7 @@ async def test_celery_batch(
     emitter: Emitter,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    workers.start(
-        "celery",
-        [sys.executable, "-m", "celery", "-A", "celery_app", "worker", "--pool", "prefork",
-         "--concurrency", "2", "--without-gossip", "--without-mingle", "--without-heartbeat",
-         "--loglevel", "INFO"],
-        setup.env,
-    )  # fmt: skip
+    workers.start_all("celery", setup)
     app = setup.load("celery_app", monkeypatch)
     from relay.integrations.celery import apply_batch  # noqa: PLC0415
 
@@ -270,12 +267,7 @@ async def test_rq_batch(
 
     from relay.integrations.rq import enqueue_batch  # noqa: PLC0415
 
-    for n in range(2):
-        workers.start(
-            f"rq-{n}",
-            [sys.executable, "-m", "rq.cli", "worker", "--url", setup.broker.url, "default"],
-            setup.env,
-        )
+    workers.start_all("rq", setup)
     app = setup.load("rq_jobs", monkeypatch)
     batch_id = str(uuid.uuid4())
     connection = redis.Redis.from_url(setup.broker.url)
@@ -308,11 +300,7 @@ async def test_rq_jobs_unharmed_when_progress_redis_is_down(
     from relay.integrations.rq import enqueue_batch  # noqa: PLC0415
 
     setup.store.stop()  # every report, the app's start and the workers' items, fails
-    log = workers.start(
-        "rq",
-        [sys.executable, "-m", "rq.cli", "worker", "--url", setup.broker.url, "default"],
-        setup.env,
-    )
+    (log,) = workers.start_all("rq", setup, count=1)
     app = setup.load("rq_jobs", monkeypatch)
     with redis.Redis.from_url(setup.broker.url) as connection:
         queue = Queue("default", connection=connection)

@@ -3,12 +3,13 @@
 Configured by the environment the test gives the worker processes:
 TQ_BROKER_URL (the queue's Redis), TQ_PROGRESS_URL and TQ_PROGRESS_PREFIX (the relay's Redis).
 Each attempt of job i increments `attempts:<i>` on the broker's Redis, so the test can check
-how often each job really ran.
+how often each job really ran; each success increments `done`.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 import redis
 from redis.backoff import NoBackoff
@@ -46,6 +47,21 @@ def process(i: int) -> None:
     k = kind(i)
     if k == "doomed" or (k == "flaky" and attempt == 1):
         raise FileFailed(f"file {i} ({k}) failed on attempt {attempt}")
+    _broker.incr("done")
+
+
+def worker_argvs(queue: str, broker_url: str) -> list[list[str]]:
+    """The worker processes each queue's tests run (cwd and PYTHONPATH: this directory)."""
+    py = sys.executable
+    if queue == "dramatiq":
+        return [[py, "-m", "dramatiq", "dramatiq_app", "--processes", "1", "--threads", "4"]]
+    if queue == "celery":
+        return [[py, "-m", "celery", "-A", "celery_app", "worker", "--pool", "prefork",
+                 "--concurrency", "2", "--without-gossip", "--without-mingle",
+                 "--without-heartbeat", "--loglevel", "INFO"]]  # fmt: skip
+    if queue == "rq":  # RQ forks a work horse per job: two workers
+        return [[py, "-m", "rq.cli", "worker", "--url", broker_url, "default"]] * 2
+    raise ValueError(f"unknown queue {queue!r}")
 
 
 def emitter() -> Emitter:
