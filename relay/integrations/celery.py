@@ -62,9 +62,10 @@ def apply_batch(
 
     Returns the results; their ids (the task ids) are the batch's item ids.
     """
-    headers = batch_headers(batch_id, user_id)
+    tag = batch_headers(batch_id, user_id)
 
     def send(sig: celery.Signature[Any]) -> AsyncResult[Any]:
+        headers = {**(sig.options.get("headers") or {}), **tag}  # keep the signature's own
         sent: AsyncResult[Any] = sig.apply_async(headers=headers)
         return sent
 
