@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -57,6 +58,7 @@ class Workers:
         self.log_dir = log_dir
         self.procs: list[subprocess.Popen[bytes]] = []
         self.log_paths: dict[int, Path] = {}
+        self.name = ""
 
     def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         log = self.log_dir / f"{name}.log"
@@ -78,6 +80,7 @@ class Workers:
         self, queue: str, setup: Setup, count: int | None = None
     ) -> list[subprocess.Popen[bytes]]:
         """The queue's worker processes (tests/taskqueues/jobs.py), the first `count` of them."""
+        self.name = queue
         argvs = jobs.worker_argvs(queue, setup.broker.url)[:count]
         return [self.start(f"{queue}-{n}", argv, setup.env) for n, argv in enumerate(argvs)]
 
@@ -169,6 +172,7 @@ async def _check_batch(
 ) -> dict[str, Any]:
     """Connect a client, enqueue the batch, and check the frames end exact."""
     ws = await open_client(relay, USER)
+    started = time.monotonic()
     await asyncio.to_thread(enqueue)
     try:
         frames = await collect_until(
@@ -197,6 +201,12 @@ async def _check_batch(
     with setup.broker.client() as c:
         attempts = {i: int(c.get(f"attempts:{i}") or 0) for i in range(JOBS)}
     assert attempts == EXPECTED_ATTEMPTS
+    print(  # the figures for the record (pytest -s)
+        f"\n{workers.name}: {JOBS} jobs, {sum(attempts.values())} attempts, {len(payloads)} frames,"
+        f" final seq {last['seq']}, {_emits(setup.store)} emits,"
+        f" {last['successful']} ok / {last['failed']} failed,"
+        f" enqueue to completed {time.monotonic() - started:.2f} s"
+    )
     return last
 
 
@@ -332,3 +342,8 @@ async def test_rq_jobs_unharmed_when_progress_redis_is_down(
     # every final outcome tried its one report, and logged its failure
     reported = workers.log_text(log).count("progress_report_failed")
     assert reported == JOBS, workers.logs()
+    print(
+        f"\nrq, progress Redis down: {got.count(JobStatus.FINISHED)} finished,"
+        f" {got.count(JobStatus.FAILED)} failed, {sum(attempts.values())} attempts,"
+        f" {reported} failed reports logged"
+    )
