@@ -97,8 +97,7 @@ def enqueue_batch(
         )
 
     def send(data: EnqueueData) -> Job:
-        # one job per call: enqueue_many would send all or none, and the batch start needs
-        # to know how many went out
+        # one job per call, so that a failure part-way knows how many jobs went out
         enqueued: list[Job] = queue.enqueue_many([tag(data)])
         return enqueued[0]
 
