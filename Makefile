@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev,speed,embedded]"
+	$(BIN)/python -m pip install -q -e ".[dev,speed,embedded,dramatiq,celery,rq]"
 	touch $@
 
 demo run: $(BIN)/.installed
