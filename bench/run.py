@@ -789,7 +789,8 @@ async def phase_latency_conflation(ctx: Ctx, phases: set[str]) -> dict[str, Any]
                     pairs = ["successful", "1"] if step else ["total", str(LATENCY_STEPS - 1)]
                     op_name = "incr" if step else "start"
                     argv = [op_name, batch, user, "86400000", "3600000", "100000", *pairs]
-                    pipe.evalsha(sha, 4, *KEYS.op_keys(batch, user), *argv)
+                    keys = KEYS.op_keys(batch, user)
+                    pipe.evalsha(sha, len(keys), *keys, *argv)
                 await pipe.execute()
 
             out["latency"] = await run_latency(ctx, relay.port, relay.pid, op, "relay")

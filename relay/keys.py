@@ -5,6 +5,8 @@ Shard s of prefix P has the tag `{P:s}`; its keys are
   {P:s}:b:<batch_id>      hash: the batch's state (same fields as a stream entry)
   {P:s}:i:<batch_id>      hash: item_id -> "1" (successful) or "0" (failed)
   {P:s}:u:<user_id>       sorted set: batch_id scored by the time (ms) its keys expire
+  {P:s}:seen:<batch_id>   bitmap: bit n set once numbered item id n was counted
+  {P:s}:failed:<batch_id> bitmap: bit n set while numbered item id n counts as failed
 A batch's shard is crc32(utf-8 batch_id) mod shards: stable, and one line in any language.
 """
 
@@ -37,11 +39,23 @@ class KeySpace:
     def items(self, batch_id: str) -> str:
         return f"{self.tag(self.shard_of(batch_id))}:i:{batch_id}"
 
+    def seen(self, batch_id: str) -> str:
+        return f"{self.tag(self.shard_of(batch_id))}:seen:{batch_id}"
+
+    def failed(self, batch_id: str) -> str:
+        return f"{self.tag(self.shard_of(batch_id))}:failed:{batch_id}"
+
     def user_index(self, shard: int, user_id: str) -> str:
         return f"{self.tag(shard)}:u:{user_id}"
 
     def op_keys(self, batch_id: str, user_id: str) -> list[str]:
-        """KEYS for the emit script, in order: batch, items, user index, stream."""
-        shard = self.shard_of(batch_id)
-        tag = self.tag(shard)
-        return [f"{tag}:b:{batch_id}", f"{tag}:i:{batch_id}", f"{tag}:u:{user_id}", f"{tag}:stream"]
+        """KEYS for the emit script, in order: batch, items, user index, stream, seen, failed."""
+        tag = self.tag(self.shard_of(batch_id))
+        return [
+            f"{tag}:b:{batch_id}",
+            f"{tag}:i:{batch_id}",
+            f"{tag}:u:{user_id}",
+            f"{tag}:stream",
+            f"{tag}:seen:{batch_id}",
+            f"{tag}:failed:{batch_id}",
+        ]

@@ -33,7 +33,8 @@ from relay.wire import MAX_COUNT, STATUSES, TERMINAL, BatchState, state_from_fie
 
 USER = "user-1"
 OTHER = "user-2"
-Snapshot = tuple[int, Any, Any, Any]  # stream length, batch hash, items hash, user index
+# stream length, batch hash, items hash, user index, seen and failed bitmaps
+Snapshot = tuple[int, Any, Any, Any, Any, Any]
 Call = tuple[str, tuple[object, ...], dict[str, object]]  # op, positional args, keyword args
 
 
@@ -72,6 +73,8 @@ class Em:
             self.r.hgetall(self.keys.batch(batch_id)),
             self.r.hgetall(self.keys.items(batch_id)),
             self.r.zrange(self.keys.user_index(shard, user_id), 0, -1, withscores=True),
+            self.r.get(self.keys.seen(batch_id)),
+            self.r.get(self.keys.failed(batch_id)),
         )
 
     def server_ms(self) -> int:
@@ -468,7 +471,7 @@ def _eval(r: redis.Redis, keys: KeySpace, argv: list[str]) -> Any:
     batch_id, user_id = argv[1], argv[2]
     if not batch_id or not user_id:  # the keys still need some name
         batch_id, user_id = batch_id or "b1", user_id or USER
-    return r.eval(SCRIPT, 4, *keys.op_keys(batch_id, user_id), *argv)
+    return r.eval(SCRIPT, 6, *keys.op_keys(batch_id, user_id), *argv)
 
 
 def _argv(op: str = "start", *pairs: str, **header: str) -> list[str]:
@@ -542,7 +545,7 @@ def test_script_called_directly(redis_client: redis.Redis, prefix: str) -> None:
     assert state.label == "From Go"
     sha = redis_client.script_load(SCRIPT)
     argv = _argv("item", "item_id", "a", "ok", "0")
-    reply = redis_client.evalsha(sha, 4, *keys.op_keys("b1", USER), *argv)
+    reply = redis_client.evalsha(sha, 6, *keys.op_keys("b1", USER), *argv)
     assert dict(zip(reply[::2], reply[1::2], strict=True))[b"failed"] == b"1"
     with pytest.raises(redis.ResponseError, match=r"^WRONGUSER "):
         _eval(redis_client, keys, _argv("incr", "successful", "1", user_id=OTHER))

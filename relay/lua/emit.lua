@@ -1,31 +1,54 @@
 -- progress relay: the one atomic operation that changes a batch (schema v1).
 -- Documented in docs/PROTOCOL.md; any language may load this file and EVAL/EVALSHA it.
 --
--- KEYS: 1 batch hash, 2 item-outcome hash, 3 user index (zset), 4 shard stream
---       (all four share the shard's hash tag, see docs/PROTOCOL.md)
--- ARGV: 1 op (start|item|incr|set|finish), 2 batch_id, 3 user_id,
+-- KEYS: 1 batch hash, 2 item-outcome hash, 3 user index (zset), 4 shard stream,
+--       5 seen bitmap, 6 failed bitmap (numbered item ids)
+--       (all six share the shard's hash tag, see docs/PROTOCOL.md)
+-- ARGV: 1 op (start|item|items|incr|set|finish), 2 batch_id, 3 user_id,
 --       4 active ttl ms, 5 finished ttl ms, 6 stream MAXLEN (approximate),
---       7.. name/value pairs of the op's arguments
+--       7.. name/value pairs of the op's arguments; for `items`: item_id, ok (1|0) pairs
 -- Returns the batch's state as a flat [name, value, ...] array (same fields as a stream entry).
 -- Errors: "BADARG <text>" for invalid arguments, "WRONGUSER <text>" when the batch belongs to
--- another user. An error changes nothing.
+-- another user. An error changes nothing: every command that can be refused (ACL, OOM) runs,
+-- or is probed with a call that changes nothing, before the first write.
 
 local MAX = 9007199254740991
 local TERMINAL = {completed = true, failed = true, cancelled = true}
 local STATUS = {pending = true, processing = true, completed = true, failed = true, cancelled = true}
+-- numbered item ids ("0", "7", "4294967295": canonical decimals below 2^32) live in two bitmaps
+-- (seen, failed) at bit offset = the number, as long as a bitmap stays small or dense: ids below
+-- BITMAP_FLOOR always, larger ones while the bitmap holds at least one id per DENSITY bits.
+-- Other numbered ids, and every other id, live in the item-outcome hash.
+local BITMAP_FLOOR = 16777216 -- 2^24 bits: 2 MiB per bitmap
+local DENSITY = 16
+local CHUNK = 1000 -- ids per Redis call (keeps unpack() far below Lua's stack limit)
+-- key TTLs are refreshed only when the expiry would move later by more than this (or earlier)
+local SLACK_MS = 60000
+-- flags in the hidden `aux_keys` field: which optional keys exist and carry the batch's expiry
+local AUX_ITEMS, AUX_SEEN, AUX_FAILED = 1, 2, 4
 
 local function bad(msg) return redis.error_reply('BADARG ' .. msg) end
 
 local function valid_id(s) return type(s) == 'string' and #s >= 1 and #s <= 512 end
 local function chars(s) local _, n = string.gsub(s, '[^\128-\191]', ''); return n end
 
--- digits only: tonumber() also takes '1.5', '1e3', '0x10', which PEXPIRE/XADD reject only
--- after the batch hash was written
+-- digits only: tonumber() also takes '1.5', '1e3', '0x10'
 local function int_arg(s)
   if type(s) ~= 'string' or not string.match(s, '^%d+$') or #s > 15 then return nil end
   return tonumber(s)
 end
 
+-- the number of a numbered item id, or nil ("07", "-1", "+7", "1e3" are not numbered)
+local function number_of(id)
+  if #id > 10 then return nil end
+  if id == '0' then return 0 end
+  if not string.find(id, '^[1-9]%d*$') then return nil end
+  local n = tonumber(id)
+  if n >= 4294967296 then return nil end
+  return n
+end
+
+if #KEYS ~= 6 then return bad('the script takes 6 keys (see docs/PROTOCOL.md), got ' .. #KEYS) end
 local op, batch_id, user_id = ARGV[1], ARGV[2], ARGV[3]
 local active_ms, finished_ms, maxlen = int_arg(ARGV[4]), int_arg(ARGV[5]), int_arg(ARGV[6])
 if not valid_id(batch_id) or chars(batch_id) > 128 then return bad('batch_id must be 1-128 characters') end
@@ -36,9 +59,21 @@ end
 if not maxlen or maxlen < 1 then return bad('stream maxlen must be a positive integer') end
 
 local args = {}
-for i = 7, #ARGV, 2 do
-  if ARGV[i + 1] == nil then return bad('argument ' .. ARGV[i] .. ' has no value') end
-  args[ARGV[i]] = ARGV[i + 1]
+local outcomes = nil -- {{item_id, ok}, ...} for item and items
+if op == 'items' then
+  if (#ARGV - 6) % 2 ~= 0 then return bad('items takes item_id, ok pairs') end
+  outcomes = {}
+  for i = 7, #ARGV, 2 do
+    local item_id, ok = ARGV[i], ARGV[i + 1]
+    if not valid_id(item_id) then return bad('item_id must be 1-512 bytes') end
+    if ok ~= '1' and ok ~= '0' then return bad('ok must be 1 or 0') end
+    outcomes[#outcomes + 1] = {item_id, ok}
+  end
+else
+  for i = 7, #ARGV, 2 do
+    if ARGV[i + 1] == nil then return bad('argument ' .. ARGV[i] .. ' has no value') end
+    args[ARGV[i]] = ARGV[i + 1]
+  end
 end
 
 -- nil when absent, false when invalid, else the number
@@ -59,9 +94,10 @@ local function need_count(name, required)
   return n, nil
 end
 
--- current state
+-- current state (and the hidden bookkeeping fields, which stream entries never carry)
 local cur = redis.call('HMGET', KEYS[1], 'user_id', 'status', 'total', 'processed', 'successful',
-  'failed', 'seq', 'started_at', 'label')
+  'failed', 'seq', 'started_at', 'label', 'updated_at', 'expires_at', 'bitmap_items',
+  'hash_numbers', 'aux_keys')
 local exists = cur[1] ~= false
 if exists and cur[1] ~= user_id then
   return redis.error_reply('WRONGUSER batch ' .. batch_id .. ' belongs to another user')
@@ -72,8 +108,99 @@ local old = {
 }
 local new = {}
 for k, v in pairs(old) do new[k] = v end
+local expires_at = exists and tonumber(cur[11]) or nil
+local bitmap_items, hash_numbers = tonumber(cur[12]) or 0, tonumber(cur[13]) or 0
+local aux = exists and tonumber(cur[14]) or 0
+local old_bitmap_items, old_hash_numbers = bitmap_items, hash_numbers
 local explicit_status = false
-local item_write = nil
+
+-- call `cmd key <head..> <per-id words..>` over ids in chunks; returns the concatenated replies
+local function chunked(cmd, key, head, ids, words)
+  local out = {}
+  for first = 1, #ids, CHUNK do
+    local argv = {key}
+    for _, w in ipairs(head) do argv[#argv + 1] = w end
+    for i = first, math.min(first + CHUNK - 1, #ids) do words(argv, ids[i]) end
+    local reply = redis.call(cmd, unpack(argv))
+    if type(reply) == 'table' then
+      for _, v in ipairs(reply) do out[#out + 1] = v end
+    end
+  end
+  return out
+end
+
+-- item outcomes: state[key] is '1', '0' or nil (unseen); key is the number for ids kept in the
+-- bitmaps, else the id string ("7" in the hash is stored under "7" too, but read as a string)
+local orig, state, place = {}, {}, {}
+local touched, is_touched = {}, {} -- keys whose outcome moved, in first-touched order
+
+local function read_outcomes()
+  local numbers, strings, seen_num, seen_str = {}, {}, {}, {}
+  for _, o in ipairs(outcomes) do
+    local n = number_of(o[1])
+    o[3] = n
+    if n ~= nil then
+      if not seen_num[n] then seen_num[n] = true; numbers[#numbers + 1] = n end
+    elseif not seen_str[o[1]] then
+      seen_str[o[1]] = true; strings[#strings + 1] = o[1]
+    end
+  end
+  local in_hash = strings
+  if #numbers > 0 then
+    -- BITFIELD (not BITFIELD_RO): the read also proves the bitmap writes are allowed
+    local bits = chunked('BITFIELD', KEYS[5], {}, numbers,
+      function(a, n) a[#a + 1] = 'GET'; a[#a + 1] = 'u1'; a[#a + 1] = n end)
+    local set_numbers = {}
+    for i, n in ipairs(numbers) do
+      if bits[i] == 1 then set_numbers[#set_numbers + 1] = n end
+    end
+    if #set_numbers > 0 then
+      local failed = chunked('BITFIELD', KEYS[6], {}, set_numbers,
+        function(a, n) a[#a + 1] = 'GET'; a[#a + 1] = 'u1'; a[#a + 1] = n end)
+      for i, n in ipairs(set_numbers) do
+        place[n] = 'bitmap'
+        if failed[i] == 1 then orig[n] = '0' else orig[n] = '1' end
+      end
+    end
+    if hash_numbers > 0 then -- numbered ids that did not fit the bitmaps are in the hash
+      in_hash = {}
+      for _, s in ipairs(strings) do in_hash[#in_hash + 1] = s end
+      for i, n in ipairs(numbers) do
+        if bits[i] ~= 1 then in_hash[#in_hash + 1] = n end
+      end
+    end
+  end
+  if #in_hash > 0 then
+    local values = chunked('HMGET', KEYS[2], {}, in_hash,
+      function(a, k) a[#a + 1] = type(k) == 'number' and string.format('%d', k) or k end)
+    for i, k in ipairs(in_hash) do
+      if values[i] then orig[k] = values[i]; place[k] = 'hash' end
+    end
+  end
+  for k, v in pairs(orig) do state[k] = v end
+end
+
+local function count_outcome(key, n, ok)
+  local prev = state[key]
+  if prev == ok then return end
+  if prev == nil then
+    new.processed = new.processed + 1
+    if n ~= nil and (n < BITMAP_FLOOR or n < DENSITY * (bitmap_items + 1)) then
+      place[key] = 'bitmap'; bitmap_items = bitmap_items + 1
+    else
+      place[key] = 'hash'
+      if n ~= nil then hash_numbers = hash_numbers + 1 end
+    end
+  elseif prev == '1' then
+    -- a `set` may have lowered the counter below the items it holds: then count the item anew
+    if new.successful > 0 then new.successful = new.successful - 1 else new.processed = new.processed + 1 end
+  else
+    if new.failed > 0 then new.failed = new.failed - 1 else new.processed = new.processed + 1 end
+  end
+  if ok == '1' then new.successful = new.successful + 1 else new.failed = new.failed + 1 end
+  if not is_touched[key] then is_touched[key] = true; touched[#touched + 1] = key end
+  state[key] = ok
+end
 
 if op == 'start' then
   local total, err = need_count('total', true)
@@ -87,19 +214,9 @@ elseif op == 'item' then
   local item_id, ok = args.item_id, args.ok
   if not valid_id(item_id) then return bad('item_id must be 1-512 bytes') end
   if ok ~= '1' and ok ~= '0' then return bad('ok must be 1 or 0') end
-  local prev = redis.call('HGET', KEYS[2], item_id)
-  if prev ~= ok then
-    if prev == false then
-      new.processed = new.processed + 1
-    elseif prev == '1' then
-      -- a `set` may have lowered the counter below the items it holds: then count the item anew
-      if new.successful > 0 then new.successful = new.successful - 1 else new.processed = new.processed + 1 end
-    else
-      if new.failed > 0 then new.failed = new.failed - 1 else new.processed = new.processed + 1 end
-    end
-    if ok == '1' then new.successful = new.successful + 1 else new.failed = new.failed + 1 end
-    item_write = {item_id, ok}
-  end
+  outcomes = {{item_id, ok}}
+elseif op == 'items' then
+  -- parsed above
 elseif op == 'incr' then
   local s, err = need_count('successful', false)
   if err then return err end
@@ -135,6 +252,19 @@ else
   return bad('unknown op ' .. tostring(op))
 end
 
+if outcomes then
+  read_outcomes()
+  for _, o in ipairs(outcomes) do
+    if o[3] ~= nil then count_outcome(o[3], o[3], o[2]) else count_outcome(o[1], nil, o[2]) end
+  end
+end
+
+-- outcomes whose stored value really changes (a flip and its flip back in one call do not)
+local item_changes = {}
+for _, key in ipairs(touched) do
+  if state[key] ~= orig[key] then item_changes[#item_changes + 1] = key end
+end
+
 -- item, incr and set (successful + failed) can all push a counter past MAX
 for _, name in ipairs({'total', 'processed', 'successful', 'failed'}) do
   if new[name] > MAX then return bad('counter overflow') end
@@ -146,14 +276,14 @@ if not explicit_status and not TERMINAL[new.status] then
   if new.total > 0 and new.processed >= new.total then new.status = 'completed' end
 end
 
-local changed = not exists or item_write ~= nil
+local changed = not exists or #item_changes > 0
 for _, name in ipairs({'status', 'total', 'processed', 'successful', 'failed', 'label'}) do
   if new[name] ~= old[name] then changed = true end
 end
 
 local function num(n) return string.format('%.0f', n) end
 
-local function state(seq, started_at, updated_at)
+local function state_fields(seq, started_at, updated_at)
   local out = {'v', '1', 'batch_id', batch_id, 'user_id', user_id, 'status', new.status,
     'total', num(new.total), 'processed', num(new.processed), 'successful', num(new.successful),
     'failed', num(new.failed), 'seq', seq, 'started_at', started_at, 'updated_at', updated_at}
@@ -161,29 +291,113 @@ local function state(seq, started_at, updated_at)
   return out
 end
 
-if not changed then
-  local rest = redis.call('HMGET', KEYS[1], 'seq', 'started_at', 'updated_at')
-  return state(rest[1], rest[2], rest[3])
-end
+if not changed then return state_fields(cur[7], cur[8], cur[10]) end
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local seq = num((tonumber(cur[7]) or 0) + 1)
 local started_at = cur[8] or num(now)
-local fields = state(seq, started_at, num(now))
+local fields = state_fields(seq, started_at, num(now))
 
-if item_write then redis.call('HSET', KEYS[2], item_write[1], item_write[2]) end
-redis.call('HSET', KEYS[1], unpack(fields))
-if not new.label then redis.call('HDEL', KEYS[1], 'label') end
-
+-- which writes this change needs
 local ttl = active_ms
 if TERMINAL[new.status] then ttl = finished_ms end
-redis.call('PEXPIRE', KEYS[1], ttl)
-redis.call('PEXPIRE', KEYS[2], ttl)
-redis.call('ZADD', KEYS[3], now + ttl, batch_id)
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
--- the index lives as long as its longest-lived batch (callers may use other ttls than ours)
-local last = redis.call('ZRANGE', KEYS[3], -1, -1, 'WITHSCORES')
-redis.call('PEXPIREAT', KEYS[3], last[2])
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', maxlen, '*', unpack(fields))
+local want = now + ttl
+local slack = math.min(SLACK_MS, math.floor(ttl / 16))
+local refresh = expires_at == nil or want < expires_at or want > expires_at + slack
+if refresh then expires_at = want end
+
+local hash_writes, seen_writes, failed_writes = {}, {}, {}
+for _, key in ipairs(item_changes) do
+  if place[key] == 'bitmap' then
+    if orig[key] == nil then seen_writes[#seen_writes + 1] = key end
+    if state[key] == '0' or orig[key] == '0' then failed_writes[#failed_writes + 1] = key end
+  else
+    hash_writes[#hash_writes + 1] = key
+  end
+end
+local new_aux = aux
+if #hash_writes > 0 then new_aux = bit.bor(new_aux, AUX_ITEMS) end
+if #seen_writes > 0 then new_aux = bit.bor(new_aux, AUX_SEEN) end
+if #failed_writes > 0 then new_aux = bit.bor(new_aux, AUX_FAILED) end
+-- keys created by this change get the batch's expiry even when it does not move
+local aux_new_keys = {}
+if not refresh then
+  for flag, key in pairs({[AUX_ITEMS] = KEYS[2], [AUX_SEEN] = KEYS[5], [AUX_FAILED] = KEYS[6]}) do
+    if bit.band(new_aux, flag) ~= 0 and bit.band(aux, flag) == 0 then
+      aux_new_keys[#aux_new_keys + 1] = key
+    end
+  end
+end
+local drop_label = not new.label and old.label
+
+local index_expires_at = nil
+if refresh then
+  -- the index lives as long as its longest-lived batch: the largest score once ours is set
+  -- (callers may use other ttls than ours). Read before any write.
+  index_expires_at = expires_at
+  local top = redis.call('ZRANGE', KEYS[3], -2, -1, 'WITHSCORES')
+  for i = 1, #top, 2 do
+    local score = tonumber(top[i + 1])
+    if top[i] ~= batch_id and score > index_expires_at then index_expires_at = score end
+  end
+end
+
+-- probes: each write command that may be refused, called so that it changes nothing
+if refresh or #aux_new_keys > 0 then redis.call('PEXPIREAT', KEYS[1], 1, 'GT') end
+if refresh then
+  redis.call('ZADD', KEYS[3], 'XX', 'GT', '-inf', batch_id)
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], 1, 0)
+end
+if drop_label then redis.call('HDEL', KEYS[1], '') end
+if exists then
+  redis.call('HSET', KEYS[1], 'v', '1') -- it holds v = 1 already; XADD goes first below
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', maxlen, '*', unpack(fields))
+else
+  -- the batch hash does not exist: XADD NOMKSTREAM on it adds nothing (WRONGTYPE: a stray
+  -- field-less hash, also harmless); a refusal raises. HSET goes first, XADD last below.
+  local probe = redis.pcall('XADD', KEYS[1], 'NOMKSTREAM', '*', 'v', '1')
+  if type(probe) == 'table' and probe.err and not string.find(probe.err, 'WRONGTYPE', 1, true) then
+    return redis.error_reply(probe.err)
+  end
+end
+
+-- writes
+local hidden = {'expires_at', num(expires_at), 'bitmap_items', num(bitmap_items),
+  'hash_numbers', num(hash_numbers), 'aux_keys', num(new_aux)}
+if bitmap_items == old_bitmap_items and hash_numbers == old_hash_numbers and new_aux == aux
+    and not refresh then
+  hidden = {}
+end
+local hset = {KEYS[1]}
+for _, v in ipairs(fields) do hset[#hset + 1] = v end
+for _, v in ipairs(hidden) do hset[#hset + 1] = v end
+redis.call('HSET', unpack(hset))
+if drop_label then redis.call('HDEL', KEYS[1], 'label') end
+if #hash_writes > 0 then
+  chunked('HSET', KEYS[2], {}, hash_writes, function(a, k)
+    a[#a + 1] = type(k) == 'number' and string.format('%d', k) or k; a[#a + 1] = state[k]
+  end)
+end
+if #seen_writes > 0 then
+  chunked('BITFIELD', KEYS[5], {}, seen_writes, function(a, n)
+    a[#a + 1] = 'SET'; a[#a + 1] = 'u1'; a[#a + 1] = n; a[#a + 1] = 1
+  end)
+end
+if #failed_writes > 0 then
+  chunked('BITFIELD', KEYS[6], {}, failed_writes, function(a, n)
+    a[#a + 1] = 'SET'; a[#a + 1] = 'u1'; a[#a + 1] = n; a[#a + 1] = state[n] == '0' and 1 or 0
+  end)
+end
+if refresh then
+  for _, key in ipairs({KEYS[1], KEYS[2], KEYS[5], KEYS[6]}) do
+    redis.call('PEXPIREAT', key, expires_at) -- a missing key: a no-op
+  end
+  redis.call('ZADD', KEYS[3], expires_at, batch_id)
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+  redis.call('PEXPIREAT', KEYS[3], index_expires_at)
+else
+  for _, key in ipairs(aux_new_keys) do redis.call('PEXPIREAT', key, expires_at) end
+end
+if not exists then redis.call('XADD', KEYS[4], 'MAXLEN', '~', maxlen, '*', unpack(fields)) end
 return fields
