@@ -239,6 +239,7 @@ async def test_limits_are_inclusive(em: Em) -> None:
 ALL_OPS_NO_ARGS: list[Call] = [
     ("start", (), {}),
     ("item", (), {}),
+    ("items", (), {}),
     ("incr", (), {"successful": 1}),
     ("set", (), {"total": 4}),
     ("finish", (), {}),
@@ -259,6 +260,13 @@ BAD_CALLS: list[Call] = [
     ("item", (7,), {}),
     ("item", ("a",), {"ok": 1}),
     ("item", ("a",), {"ok": None}),
+    ("items", ([("", True)],), {}),
+    ("items", ([("a", True), ("b", 1)],), {}),
+    ("items", ({"a": True, 7: True},), {}),
+    ("items", ([("a",)],), {}),
+    ("items", ("ab",), {}),
+    ("items", (5,), {}),
+    ("items", ([("x" * 513, False)],), {}),
     ("incr", (), {"successful": -1}),
     ("incr", (), {"failed": -1}),
     ("incr", (), {"successful": True}),
@@ -307,7 +315,7 @@ BAD_ID_CALLS: list[Call] = [
 async def test_bad_ids_raise(
     em: Em, op: str, args: tuple[object, ...], kwargs: dict[str, object]
 ) -> None:
-    extra: tuple[object, ...] = {"start": (1,), "item": ("i",)}.get(op, ())
+    extra: tuple[object, ...] = {"start": (1,), "item": ("i",), "items": ({"7": True},)}.get(op, ())
     with pytest.raises(BadArgument):
         await em.call(op, *args, *extra, **kwargs)
     assert em.xlen("b1") == 0
@@ -333,6 +341,7 @@ async def test_counter_overflow_is_refused_and_changes_nothing(em: Em) -> None:
         ("start", (5,), {"label": "mine"}),
         ("item", ("a",), {"ok": False}),
         ("item", ("z",), {}),
+        ("items", ({"a": False, "9": True},), {}),
         ("incr", (), {"successful": 1}),
         ("incr", (), {}),
         ("set", (), {"total": 99}),
@@ -350,6 +359,142 @@ async def test_wrong_user_raises_and_changes_nothing(
     assert em.snapshot("b1") == before
     assert em.snapshot("b1", OTHER)[3] == []  # not in the other user's index either
     assert await em.call("batches_for", OTHER) == []
+
+
+# --------------------------------------------------------------------------------------------
+# Many outcomes per call; numbered ids in bitmaps
+
+
+def _bit(raw: bytes | None, n: int) -> int:
+    if raw is None or n // 8 >= len(raw):
+        return 0
+    return (raw[n // 8] >> (7 - n % 8)) & 1
+
+
+async def test_items_count_like_item_calls_in_order(em: Em) -> None:
+    outcomes = [("7", True), ("07", False), ("7", True), ("x", False), ("7", False),
+                ("0", True), ("x", True), ("4294967295", False), ("-1", True), ("+7", True),
+                ("1e3", True), ("4294967296", True), ("x", True)]  # fmt: skip
+    await em.run("start", "one", USER, 20)
+    await em.run("start", "many", USER, 20)
+    for item_id, ok in outcomes:
+        single = await em.run("item", "one", USER, item_id, ok=ok)
+    before = em.xlen("many")
+    many = await em.run("items", "many", USER, outcomes)
+    assert counters(many) == counters(single) == ("processing", 20, 9, 6, 3)
+    assert many.seq == 2  # one bump for the whole call
+    assert em.xlen("many") == before + 1
+    assert em.last_entry("many") == many
+    # repeating the whole call changes nothing and appends nothing
+    assert await em.run("items", "many", USER, outcomes) == many
+    assert em.xlen("many") == before + 1
+    # a flip and its flip back in one call: nothing changes either
+    assert await em.run("items", "many", USER, [("7", True), ("7", False)]) == many
+    # an empty call is a no-op on an existing batch, and creates a missing one (like incr 0)
+    assert await em.run("items", "many", USER, []) == many
+    assert counters(await em.run("items", "new", USER, {})) == ("pending", 0, 0, 0, 0)
+
+
+async def test_items_takes_a_mapping_or_pairs(em: Em) -> None:
+    state = await em.run("items", "b1", USER, {"1": True, "2": False, "row-3": True})
+    assert (state.processed, state.successful, state.failed) == (3, 2, 1)
+    state = await em.run("items", "b1", USER, iter([("2", True), ("row-4", False)]))
+    assert (state.processed, state.successful, state.failed) == (4, 3, 1)
+    state = await em.run("items", "b1", USER, (pair for pair in [("1", False)]))
+    assert (state.processed, state.successful, state.failed) == (4, 2, 2)
+
+
+async def test_numbered_ids_live_in_bitmaps_others_in_the_hash(em: Em) -> None:
+    """'7' and '07' are different ids; storage depends only on the id's form."""
+    state = await em.run(
+        "items",
+        "b1",
+        USER,
+        [
+            ("7", True),
+            ("07", True),
+            ("0", False),
+            ("12", True),
+            ("12", False),
+            ("-1", True),
+            ("+7", False),
+            ("4294967296", True),
+            ("item-7", True),
+        ],
+    )
+    assert (state.processed, state.successful, state.failed) == (8, 5, 3)
+    seen, failed = em.r.get(em.keys.seen("b1")), em.r.get(em.keys.failed("b1"))
+    assert [n for n in range(16) if _bit(seen, n)] == [0, 7, 12]
+    assert [n for n in range(16) if _bit(failed, n)] == [0, 12]
+    assert em.r.hgetall(em.keys.items("b1")) == {
+        b"07": b"1", b"-1": b"1", b"+7": b"0", b"4294967296": b"1", b"item-7": b"1",
+    }  # fmt: skip
+    # flips move bits both ways
+    state = await em.run("items", "b1", USER, [("12", True), ("7", False), ("07", False)])
+    assert (state.processed, state.successful, state.failed) == (8, 4, 4)
+    failed = em.r.get(em.keys.failed("b1"))
+    assert [n for n in range(16) if _bit(failed, n)] == [0, 7]
+    assert em.r.hget(em.keys.items("b1"), "07") == b"0"
+
+
+async def test_a_sparse_large_number_does_not_grow_a_huge_bitmap(em: Em) -> None:
+    """Bitmaps hold ids below 2^24, or larger ones while dense: 4294967295 alone would
+    otherwise cost 512 MiB of Redis."""
+    state = await em.run("items", "b1", USER, [("4294967295", False), ("16777216", True)])
+    assert (state.processed, state.successful, state.failed) == (2, 1, 1)
+    assert em.r.exists(em.keys.seen("b1"), em.keys.failed("b1")) == 0
+    assert em.r.hgetall(em.keys.items("b1")) == {b"4294967295": b"0", b"16777216": b"1"}
+    state = await em.run("items", "b1", USER, [("16777215", True), ("4294967295", True)])
+    assert (state.processed, state.successful, state.failed) == (3, 3, 0)
+    assert em.r.hget(em.keys.items("b1"), "4294967295") == b"1"
+    assert _bit(em.r.get(em.keys.seen("b1")), 16777215) == 1
+    assert int(em.r.memory_usage(em.keys.seen("b1")) or 0) < 4_000_000  # 2 MiB + allocator
+
+
+async def test_numbers_above_the_floor_go_to_the_bitmap_while_it_is_dense(em: Em) -> None:
+    await em.run("items", "b1", USER, {"1": True, "2": True})
+    # white box: pretend the bitmaps hold 2^20 ids (a 1,048,576-item test would be slow)
+    em.r.hset(em.keys.batch("b1"), "bitmap_items", 2**20)
+    dense, sparse = 2**24 + 5, 2**24 + 16 * 2**20  # below / at 16 bits per id
+    state = await em.run("items", "b1", USER, [(str(dense), False), (str(sparse), True)])
+    assert (state.processed, state.successful, state.failed) == (4, 3, 1)
+    assert _bit(em.r.get(em.keys.failed("b1")), dense) == 1
+    assert em.r.hgetall(em.keys.items("b1")) == {str(sparse).encode(): b"1"}
+    assert em.r.hget(em.keys.batch("b1"), "bitmap_items") == str(2**20 + 1).encode()
+
+
+async def test_ttls_move_only_when_they_matter(make_em: MakeEm) -> None:
+    em = make_em(active_s=3600, finished_s=60)
+    await em.run("item", "b1", USER, "a")
+    shard = em.keys.shard_of("b1")
+    index = em.keys.user_index(shard, USER)
+    expires = int(em.r.hget(em.keys.batch("b1"), "expires_at") or 0)
+    assert em.r.zscore(index, "b1") == expires
+    # more changes within the slack: the expiry and the index stay as they are
+    await em.run("item", "b1", USER, "b")
+    await em.run("items", "b1", USER, {"5": False})  # a key created now still gets the expiry
+    await em.run("incr", "b1", USER, successful=1)
+    assert int(em.r.hget(em.keys.batch("b1"), "expires_at") or 0) == expires
+    keys = [em.keys.batch("b1"), em.keys.items("b1"), em.keys.seen("b1"), em.keys.failed("b1")]
+    assert [em.r.pexpiretime(k) for k in keys] == [expires] * 4
+    assert em.r.pexpiretime(index) == expires
+    # a terminal status shortens every key at once, and the index follows its longest batch
+    await em.run("start", "long", USER, 1)
+    finished = await em.run("finish", "b1", USER)
+    short = int(em.r.hget(em.keys.batch("b1"), "expires_at") or 0)
+    assert short <= finished.updated_at + 60_000 < expires
+    assert [em.r.pexpiretime(k) for k in keys] == [short] * 4
+    assert em.r.zscore(index, "b1") == short
+    assert em.r.pexpiretime(index) == em.r.zscore(index, "long") > short
+
+
+async def test_a_batch_written_by_the_old_script_gets_its_expiry(em: Em) -> None:
+    # the v1 script of 0.x kept no `expires_at`: its batches are refreshed on the next change
+    await em.run("item", "b1", USER, "a")
+    em.r.hdel(em.keys.batch("b1"), "expires_at")
+    em.r.persist(em.keys.batch("b1"))
+    await em.run("item", "b1", USER, "b")
+    assert 0 < em.r.pttl(em.keys.batch("b1")) <= 86_400_000
 
 
 # --------------------------------------------------------------------------------------------
@@ -511,6 +656,11 @@ EVAL_BAD: list[list[str]] = [
     _argv("item", "item_id", "a", "ok", "2"),
     _argv("item", "item_id", "a", "ok", "true"),
     _argv("item", "item_id", "a"),
+    _argv("items", "a"),
+    _argv("items", "a", "1", "b"),
+    _argv("items", "a", "2"),
+    _argv("items", "7", "1", "", "1"),
+    _argv("items", "7", "1", "x" * 513, "0"),
     _argv("incr", "successful", "-1"),
     _argv("incr", "failed", "1", "successful", "x"),
     _argv("set"),
@@ -652,6 +802,7 @@ def _dead_clients() -> tuple[redis.Redis, redis.asyncio.Redis]:
 ALL_OPS: list[Call] = [
     ("start", (3,), {}),
     ("item", ("a",), {}),
+    ("items", ({"a": True, "7": False},), {}),
     ("incr", (), {"successful": 1}),
     ("set", (), {"total": 4}),
     ("finish", (), {}),

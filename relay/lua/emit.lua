@@ -38,16 +38,6 @@ local function int_arg(s)
   return tonumber(s)
 end
 
--- the number of a numbered item id, or nil ("07", "-1", "+7", "1e3" are not numbered)
-local function number_of(id)
-  if #id > 10 then return nil end
-  if id == '0' then return 0 end
-  if not string.find(id, '^[1-9]%d*$') then return nil end
-  local n = tonumber(id)
-  if n >= 4294967296 then return nil end
-  return n
-end
-
 if #KEYS ~= 6 then return bad('the script takes 6 keys (see docs/PROTOCOL.md), got ' .. #KEYS) end
 local op, batch_id, user_id = ARGV[1], ARGV[2], ARGV[3]
 local active_ms, finished_ms, maxlen = int_arg(ARGV[4]), int_arg(ARGV[5]), int_arg(ARGV[6])
@@ -59,15 +49,29 @@ end
 if not maxlen or maxlen < 1 then return bad('stream maxlen must be a positive integer') end
 
 local args = {}
-local outcomes = nil -- {{item_id, ok}, ...} for item and items
+-- item outcomes in order: ids[i], oks[i] ('1'|'0'), nums[i] (the number of a numbered id, else
+-- false); outcomes is nil for ops without items
+local outcomes, ids, oks, nums = nil, {}, {}, {}
+local function add_outcome(item_id, ok)
+  if not valid_id(item_id) then return bad('item_id must be 1-512 bytes') end
+  if ok ~= '1' and ok ~= '0' then return bad('ok must be 1 or 0') end
+  local i = #ids + 1
+  ids[i], oks[i], nums[i] = item_id, ok, false
+  -- numbered: canonical decimal below 2^32 ("0", "7"; not "07", "-1", "+7", "1e3", " 7")
+  local b = string.byte(item_id, 1)
+  if b >= 48 and b <= 57 and #item_id <= 10 and (b ~= 48 or #item_id == 1)
+      and not string.find(item_id, '%D') then
+    local n = tonumber(item_id)
+    if n < 4294967296 then nums[i] = n end
+  end
+  return nil
+end
 if op == 'items' then
   if (#ARGV - 6) % 2 ~= 0 then return bad('items takes item_id, ok pairs') end
-  outcomes = {}
+  outcomes = true
   for i = 7, #ARGV, 2 do
-    local item_id, ok = ARGV[i], ARGV[i + 1]
-    if not valid_id(item_id) then return bad('item_id must be 1-512 bytes') end
-    if ok ~= '1' and ok ~= '0' then return bad('ok must be 1 or 0') end
-    outcomes[#outcomes + 1] = {item_id, ok}
+    local err = add_outcome(ARGV[i], ARGV[i + 1])
+    if err then return err end
   end
 else
   for i = 7, #ARGV, 2 do
@@ -114,12 +118,15 @@ local aux = exists and tonumber(cur[14]) or 0
 local old_bitmap_items, old_hash_numbers = bitmap_items, hash_numbers
 local explicit_status = false
 
--- call `cmd key <head..> <per-id words..>` over ids in chunks; returns the concatenated replies
+-- call `cmd key <per-id words..>` over ids in chunks; returns the concatenated replies.
+-- `head` words go first in the first call only (their replies too).
 local function chunked(cmd, key, head, ids, words)
   local out = {}
   for first = 1, #ids, CHUNK do
     local argv = {key}
-    for _, w in ipairs(head) do argv[#argv + 1] = w end
+    if first == 1 then
+      for _, w in ipairs(head) do argv[#argv + 1] = w end
+    end
     for i = first, math.min(first + CHUNK - 1, #ids) do words(argv, ids[i]) end
     local reply = redis.call(cmd, unpack(argv))
     if type(reply) == 'table' then
@@ -129,46 +136,75 @@ local function chunked(cmd, key, head, ids, words)
   return out
 end
 
--- item outcomes: state[key] is '1', '0' or nil (unseen); key is the number for ids kept in the
--- bitmaps, else the id string ("7" in the hash is stored under "7" too, but read as a string)
+-- item outcomes: state[key] is '1', '0' or nil (unseen); key is the number for numbered ids
+-- (wherever they are stored), else the id string
 local orig, state, place = {}, {}, {}
 local touched, is_touched = {}, {} -- keys whose outcome moved, in first-touched order
+-- bitmaps are read and written either through a byte window (GETRANGE/SETRANGE: numbers close
+-- together, as a reporter's flushes mostly are) or bit by bit (BITFIELD: scattered numbers)
+local window = nil -- {lo = first byte, seen = bytes, failed = bytes}
+local absent = {} -- bitmap key -> true when it does not exist yet (to create it at full size)
+
+local function bit_in(bytes, n)
+  local b = string.byte(bytes, math.floor(n / 8) - window.lo + 1)
+  return b ~= nil and bit.band(b, bit.rshift(128, n % 8)) ~= 0
+end
 
 local function read_outcomes()
   local numbers, strings, seen_num, seen_str = {}, {}, {}, {}
-  for _, o in ipairs(outcomes) do
-    local n = number_of(o[1])
-    o[3] = n
-    if n ~= nil then
-      if not seen_num[n] then seen_num[n] = true; numbers[#numbers + 1] = n end
-    elseif not seen_str[o[1]] then
-      seen_str[o[1]] = true; strings[#strings + 1] = o[1]
+  local lo, hi = nil, nil
+  for i = 1, #ids do
+    local n = nums[i]
+    if n then
+      if not seen_num[n] then
+        seen_num[n] = true; numbers[#numbers + 1] = n
+        if lo == nil or n < lo then lo = n end
+        if hi == nil or n > hi then hi = n end
+      end
+    elseif not seen_str[ids[i]] then
+      seen_str[ids[i]] = true; strings[#strings + 1] = ids[i]
     end
   end
   local in_hash = strings
   if #numbers > 0 then
-    -- BITFIELD (not BITFIELD_RO): the read also proves the bitmap writes are allowed
-    local bits = chunked('BITFIELD', KEYS[5], {}, numbers,
-      function(a, n) a[#a + 1] = 'GET'; a[#a + 1] = 'u1'; a[#a + 1] = n end)
-    local set_numbers = {}
-    for i, n in ipairs(numbers) do
-      if bits[i] == 1 then set_numbers[#set_numbers + 1] = n end
-    end
-    if #set_numbers > 0 then
-      local failed = chunked('BITFIELD', KEYS[6], {}, set_numbers,
+    local unset = {} -- numbers whose seen bit is clear
+    if hi - lo < 16 * #numbers + 64 and hi - lo < 262144 then
+      window = {lo = math.floor(lo / 8)}
+      local last = math.floor(hi / 8)
+      window.seen = redis.call('GETRANGE', KEYS[5], window.lo, last)
+      window.failed = redis.call('GETRANGE', KEYS[6], window.lo, last)
+      for _, n in ipairs(numbers) do
+        if bit_in(window.seen, n) then
+          place[n] = 'bitmap'
+          if bit_in(window.failed, n) then orig[n] = '0' else orig[n] = '1' end
+        else
+          unset[#unset + 1] = n
+        end
+      end
+    else
+      -- BITFIELD (not BITFIELD_RO): the read also proves the bitmap writes are allowed
+      local bits = chunked('BITFIELD', KEYS[5], {}, numbers,
         function(a, n) a[#a + 1] = 'GET'; a[#a + 1] = 'u1'; a[#a + 1] = n end)
-      for i, n in ipairs(set_numbers) do
-        place[n] = 'bitmap'
-        if failed[i] == 1 then orig[n] = '0' else orig[n] = '1' end
-      end
-    end
-    if hash_numbers > 0 then -- numbered ids that did not fit the bitmaps are in the hash
-      in_hash = {}
-      for _, s in ipairs(strings) do in_hash[#in_hash + 1] = s end
+      local set_numbers = {}
       for i, n in ipairs(numbers) do
-        if bits[i] ~= 1 then in_hash[#in_hash + 1] = n end
+        if bits[i] == 1 then set_numbers[#set_numbers + 1] = n else unset[#unset + 1] = n end
+      end
+      if #set_numbers > 0 then
+        local failed = chunked('BITFIELD', KEYS[6], {}, set_numbers,
+          function(a, n) a[#a + 1] = 'GET'; a[#a + 1] = 'u1'; a[#a + 1] = n end)
+        for i, n in ipairs(set_numbers) do
+          place[n] = 'bitmap'
+          if failed[i] == 1 then orig[n] = '0' else orig[n] = '1' end
+        end
       end
     end
+    if hash_numbers > 0 and #unset > 0 then -- numbered ids that did not fit the bitmaps
+      in_hash = {}
+      for _, v in ipairs(strings) do in_hash[#in_hash + 1] = v end
+      for _, n in ipairs(unset) do in_hash[#in_hash + 1] = n end
+    end
+    if bit.band(aux, AUX_SEEN) == 0 then absent[KEYS[5]] = redis.call('EXISTS', KEYS[5]) == 0 end
+    if bit.band(aux, AUX_FAILED) == 0 then absent[KEYS[6]] = redis.call('EXISTS', KEYS[6]) == 0 end
   end
   if #in_hash > 0 then
     local values = chunked('HMGET', KEYS[2], {}, in_hash,
@@ -185,11 +221,11 @@ local function count_outcome(key, n, ok)
   if prev == ok then return end
   if prev == nil then
     new.processed = new.processed + 1
-    if n ~= nil and (n < BITMAP_FLOOR or n < DENSITY * (bitmap_items + 1)) then
+    if n and (n < BITMAP_FLOOR or n < DENSITY * (bitmap_items + 1)) then
       place[key] = 'bitmap'; bitmap_items = bitmap_items + 1
     else
       place[key] = 'hash'
-      if n ~= nil then hash_numbers = hash_numbers + 1 end
+      if n then hash_numbers = hash_numbers + 1 end
     end
   elseif prev == '1' then
     -- a `set` may have lowered the counter below the items it holds: then count the item anew
@@ -211,10 +247,9 @@ if op == 'start' then
     if args.label == '' then new.label = false else new.label = args.label end
   end
 elseif op == 'item' then
-  local item_id, ok = args.item_id, args.ok
-  if not valid_id(item_id) then return bad('item_id must be 1-512 bytes') end
-  if ok ~= '1' and ok ~= '0' then return bad('ok must be 1 or 0') end
-  outcomes = {{item_id, ok}}
+  local err = add_outcome(args.item_id, args.ok)
+  if err then return err end
+  outcomes = true
 elseif op == 'items' then
   -- parsed above
 elseif op == 'incr' then
@@ -254,8 +289,9 @@ end
 
 if outcomes then
   read_outcomes()
-  for _, o in ipairs(outcomes) do
-    if o[3] ~= nil then count_outcome(o[3], o[3], o[2]) else count_outcome(o[1], nil, o[2]) end
+  for i = 1, #ids do
+    local n = nums[i]
+    if n then count_outcome(n, n, oks[i]) else count_outcome(ids[i], nil, oks[i]) end
   end
 end
 
@@ -350,6 +386,9 @@ if refresh then
   redis.call('ZREMRANGEBYSCORE', KEYS[3], 1, 0)
 end
 if drop_label then redis.call('HDEL', KEYS[1], '') end
+if (#seen_writes > 0 or #failed_writes > 0) and (window or absent[KEYS[5]] or absent[KEYS[6]]) then
+  redis.call('SETRANGE', KEYS[5], 0, '')
+end
 if exists then
   redis.call('HSET', KEYS[1], 'v', '1') -- it holds v = 1 already; XADD goes first below
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', maxlen, '*', unpack(fields))
@@ -379,16 +418,41 @@ if #hash_writes > 0 then
     a[#a + 1] = type(k) == 'number' and string.format('%d', k) or k; a[#a + 1] = state[k]
   end)
 end
-if #seen_writes > 0 then
-  chunked('BITFIELD', KEYS[5], {}, seen_writes, function(a, n)
-    a[#a + 1] = 'SET'; a[#a + 1] = 'u1'; a[#a + 1] = n; a[#a + 1] = 1
-  end)
+-- bitmap writes. A missing bitmap is first created at its full size when the batch's total is
+-- known (ids 0..total, up to BITMAP_FLOOR): growing it bit by bit would leave up to 1 MiB of
+-- Redis's string headroom in each.
+local function write_bitmap(key, bytes, changes, value)
+  if #changes == 0 then return end
+  if absent[key] and new.total >= 1 then
+    redis.call('SETRANGE', key, math.floor(math.min(new.total, BITMAP_FLOOR - 1) / 8), '\0')
+  end
+  if not window then
+    chunked('BITFIELD', key, {}, changes, function(a, n)
+      a[#a + 1] = 'SET'; a[#a + 1] = 'u1'; a[#a + 1] = n; a[#a + 1] = value(n)
+    end)
+    return
+  end
+  local mod, first, last = {}, nil, nil
+  for _, n in ipairs(changes) do
+    local i = math.floor(n / 8) - window.lo + 1
+    local b = mod[i] or string.byte(bytes, i) or 0
+    local mask = bit.rshift(128, n % 8)
+    if value(n) == 1 then b = bit.bor(b, mask) else b = bit.band(b, bit.bnot(mask)) end
+    mod[i] = b
+    if first == nil or i < first then first = i end
+    if last == nil or i > last then last = i end
+  end
+  local out, part = {}, {}
+  for i = first, last do
+    part[#part + 1] = mod[i] or string.byte(bytes, i) or 0
+    if #part == 4000 then out[#out + 1] = string.char(unpack(part)); part = {} end
+  end
+  if #part > 0 then out[#out + 1] = string.char(unpack(part)) end
+  redis.call('SETRANGE', key, window.lo + first - 1, table.concat(out))
 end
-if #failed_writes > 0 then
-  chunked('BITFIELD', KEYS[6], {}, failed_writes, function(a, n)
-    a[#a + 1] = 'SET'; a[#a + 1] = 'u1'; a[#a + 1] = n; a[#a + 1] = state[n] == '0' and 1 or 0
-  end)
-end
+write_bitmap(KEYS[5], window and window.seen, seen_writes, function() return 1 end)
+write_bitmap(KEYS[6], window and window.failed, failed_writes,
+  function(n) return state[n] == '0' and 1 or 0 end)
 if refresh then
   for _, key in ipairs({KEYS[1], KEYS[2], KEYS[5], KEYS[6]}) do
     redis.call('PEXPIREAT', key, expires_at) -- a missing key: a no-op
