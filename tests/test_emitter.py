@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import multiprocessing
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -18,13 +19,16 @@ from typing import Any
 import pytest
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
+import redis.cluster
 import structlog
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from redis_server import RedisServer, free_port
+from redis_server import RedisCluster, RedisServer, free_port
+from redis_server import RedisUnavailable as NoRedisBinary
 
 from relay.emitter import SCRIPT, AsyncEmitter, Emitter, RedisUnavailable
 from relay.errors import BadArgument, WrongUser
@@ -875,6 +879,316 @@ async def test_best_effort_survives_a_redis_crash(
     finally:
         sync_client.close()
         await async_client.aclose()
+
+
+# --------------------------------------------------------------------------------------------
+# Least-privilege workers: a refused command changes nothing
+
+
+@dataclass
+class AclCase:
+    denied: str
+    existing: bool  # the batch exists before the refused call
+    op: str
+    args: tuple[object, ...] = ()
+    kwargs: dict[str, object] = field(default_factory=dict)
+
+
+SCATTERED = {str(n): n % 3 != 0 for n in range(0, 40_000, 997)}  # read and written by BITFIELD
+ACL_CASES = [
+    AclCase("xadd", True, "item", ("b",)),
+    AclCase("xadd", False, "item", ("a",)),
+    AclCase("xadd", True, "items", ({"1": True, "x": False, "2": False},)),
+    AclCase("hset", True, "item", ("b",)),
+    AclCase("hset", False, "start", (5,)),
+    AclCase("pexpireat", False, "item", ("7",)),
+    AclCase("pexpireat", True, "item", ("7",)),  # a new bitmap gets the batch's expiry
+    AclCase("zadd", False, "item", ("7",)),
+    AclCase("zadd", True, "finish", ("failed",)),  # the index follows the shorter TTL
+    AclCase("zremrangebyscore", False, "incr", (), {"successful": 1}),
+    AclCase("zrange", True, "finish", ()),
+    AclCase("hdel", True, "start", (5,), {"label": ""}),
+    AclCase("bitfield", True, "items", (SCATTERED,)),
+    AclCase("setrange", True, "items", ({"1": True, "2": False},)),
+    AclCase("getrange", True, "items", ({"1": True, "2": False},)),
+    AclCase("exists", True, "item", ("3",)),
+    AclCase("hmget", True, "item", ("x",)),
+    AclCase("time", True, "item", ("x",)),
+]
+
+
+@pytest.mark.parametrize("case", ACL_CASES, ids=lambda c: f"{c.denied}-{c.op}-{c.existing}")
+def test_a_refused_command_changes_nothing(
+    case: AclCase, redis_server_factory: Callable[..., RedisServer]
+) -> None:
+    server = redis_server_factory()
+    admin = server.client()
+    admin.acl_setuser(
+        "worker", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all", f"-{case.denied}"]
+    )
+    worker = redis.Redis(
+        port=server.port, username="worker", password="pw", retry=Retry(NoBackoff(), 0)
+    )
+    keys = KeySpace()
+    as_admin = Emitter(admin, active_s=3600, finished_s=60)
+    as_worker = Emitter(worker, active_s=3600, finished_s=60)
+    if case.existing:
+        as_admin.start("b1", USER, 10, label="L")
+        as_admin.item("b1", USER, "a")
+    em = Em(as_admin, admin, keys)
+    before = em.snapshot("b1")
+    with pytest.raises(RedisUnavailable, match="can't run this command"):
+        getattr(as_worker, case.op)("b1", USER, *case.args, **case.kwargs)
+    assert em.snapshot("b1") == before
+    # granted, the same call goes through and counts once
+    admin.acl_setuser("worker", enabled=True, commands=[f"+{case.denied}"])
+    state = getattr(as_worker, case.op)("b1", USER, *case.args, **case.kwargs)
+    assert isinstance(state, BatchState)
+    assert state.seq == (2 if case.existing else 0) + 1
+    assert as_admin.get("b1") == state
+    assert em.xlen("b1") == state.seq
+    worker.close()
+    admin.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Buffered reporters
+
+
+@dataclass
+class Rep:
+    """A reporter of either kind, driven through coroutines (like Em)."""
+
+    em: Em
+
+    def open(self, batch_id: str, **kwargs: Any) -> Any:
+        return self.em.emitter.reporter(batch_id, USER, **kwargs)
+
+    @staticmethod
+    async def enter(reporter: Any) -> Any:
+        if hasattr(reporter, "__aenter__"):
+            return await reporter.__aenter__()
+        return reporter.__enter__()
+
+    @staticmethod
+    async def exit(reporter: Any, error: BaseException | None = None) -> None:
+        et = type(error) if error else None
+        if hasattr(reporter, "__aexit__"):
+            await reporter.__aexit__(et, error, None)
+        else:
+            await asyncio.to_thread(reporter.__exit__, et, error, None)
+
+    async def processed(self, batch_id: str) -> int:
+        state = await self.em.call("get", batch_id)
+        return 0 if state is None else int(state.processed)
+
+
+async def test_reporter_flushes_at_max_items_and_on_exit(em: Em) -> None:
+    rep = Rep(em)
+    r = await Rep.enter(rep.open("b1", flush_ms=60_000, max_items=3))
+    for item_id, ok in [("1", True), ("2", False), ("1", False)]:  # "1" twice: 2 outcomes
+        r.item(item_id, ok=ok)
+    r.item("row-3")
+
+    async def three() -> bool:
+        return await rep.processed("b1") == 3
+
+    await poll(three)
+    r.item("4")  # waits for the next flush: max_items is not reached, flush_ms is a minute
+    await asyncio.sleep(0.1)
+    assert await rep.processed("b1") == 3
+    await Rep.exit(r)
+    state = await em.run("get", "b1")
+    assert (state.processed, state.successful, state.failed) == (4, 2, 2)
+    assert state.seq == 2  # two flushes, one entry each
+    assert r.state == state
+
+
+async def test_reporter_flushes_every_flush_ms(em: Em) -> None:
+    rep = Rep(em)
+    r = await Rep.enter(rep.open("b1", flush_ms=20, max_items=1000))
+    try:
+        r.item("1")
+
+        async def one() -> bool:
+            return await rep.processed("b1") == 1
+
+        await poll(one)  # nothing else would flush it before the exit
+        r.item("2", ok=False)
+
+        async def two() -> bool:
+            return await rep.processed("b1") == 2
+
+        await poll(two)
+    finally:
+        await Rep.exit(r)
+
+
+async def test_reporter_refusals_raise(em: Em) -> None:
+    await em.run("start", "theirs", OTHER, 5)
+    rep = Rep(em)
+    r = await Rep.enter(rep.open("b1"))
+    with pytest.raises(BadArgument):
+        r.item("")
+    with pytest.raises(BadArgument):
+        r.item("a", ok=1)  # type: ignore[arg-type]
+    await Rep.exit(r)
+    with pytest.raises(BadArgument):
+        rep.open("b1", flush_ms=0)
+    with pytest.raises(BadArgument):
+        rep.open("b1", max_items=0)
+    r = await Rep.enter(Rep(em).em.emitter.reporter("theirs", USER))
+    r.item("x")
+    with pytest.raises(WrongUser):
+        await Rep.exit(r)
+    assert counters(await em.run("get", "theirs")) == ("pending", 5, 0, 0, 0)
+
+
+@pytest.mark.timeout(30)
+def test_sync_reporter_is_thread_safe(redis_client: redis.Redis, prefix: str) -> None:
+    emitter = Emitter(redis_client, prefix=prefix)
+    threads, per_thread = 8, 3_000
+    with emitter.reporter("b1", USER, flush_ms=5, max_items=500) as r:
+
+        def work(t: int) -> None:
+            for n in range(per_thread):
+                i = t * per_thread + n
+                r.item(str(i), ok=False)  # every id failed first...
+            for n in range(per_thread):
+                i = t * per_thread + n
+                r.item(str(i), ok=i % 10 != 0)  # ...then its final outcome
+
+        pool = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+        for th in pool:
+            th.start()
+        for th in pool:
+            th.join()
+    state = emitter.get("b1")
+    assert state is not None
+    total = threads * per_thread
+    assert (state.processed, state.successful, state.failed) == (
+        total,
+        total * 9 // 10,
+        total // 10,
+    )
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_best_effort_reporter_retries_a_failed_flush(
+    kind: str, redis_server_factory: Callable[..., RedisServer]
+) -> None:
+    server = redis_server_factory()
+    sync_client = redis.Redis.from_url(
+        server.url, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0)
+    )
+    async_client = redis.asyncio.Redis.from_url(
+        server.url, socket_connect_timeout=0.5, retry=AsyncRetry(NoBackoff(), 0)
+    )
+    try:
+        client = sync_client if kind == "sync" else async_client
+        em = Em(_emitter(client, best_effort=True), sync_client, KeySpace())
+        rep = Rep(em)
+        with structlog.testing.capture_logs() as logs:
+            r = await Rep.enter(rep.open("b1", flush_ms=20, max_items=1000))
+            r.item("1")
+            await poll(lambda: rep.processed("b1"))
+            server.kill()
+            r.item("2", ok=False)
+            r.item("row-3")
+            await poll(lambda: any(e["event"] == "progress_flush_failed" for e in logs))
+            server.restart()  # no persistence: "1" is gone; the retried flush brings the rest
+            r.item("4")
+
+            async def delivered() -> bool:
+                return await rep.processed("b1") == 3
+
+            await poll(delivered)
+            await Rep.exit(r)
+        state = await em.run("get", "b1")
+        assert (state.processed, state.successful, state.failed) == (3, 2, 1)
+        assert all(e["log_level"] == "warning" for e in logs)
+        # an outage at the exit: the rest is logged as lost, never raised
+        r = await Rep.enter(rep.open("b2", flush_ms=60_000))
+        r.item("9")
+        server.kill()
+        with structlog.testing.capture_logs() as logs:
+            await Rep.exit(r)
+        assert [(e["event"], e["outcomes"]) for e in logs] == [("progress_report_lost", 1)]
+    finally:
+        sync_client.close()
+        await async_client.aclose()
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_strict_reporter_raises_an_outage(kind: str) -> None:
+    sync_client, async_client = _dead_clients()
+    try:
+        client = sync_client if kind == "sync" else async_client
+        rep = Rep(Em(_emitter(client), sync_client, KeySpace()))
+        r = await Rep.enter(rep.open("b1", flush_ms=60_000))
+        r.item("1")
+        with pytest.raises(RedisUnavailable):
+            await Rep.exit(r)
+    finally:
+        sync_client.close()
+        await async_client.aclose()
+
+
+# --------------------------------------------------------------------------------------------
+# Redis Cluster outages are outages too
+
+
+async def _cluster_ops(lenient: Em, strict: Em) -> None:
+    for op, args, kwargs in ALL_OPS:
+        with structlog.testing.capture_logs() as logs:
+            assert await lenient.call(op, "b1", USER, *args, **kwargs) is None
+        assert [(e["event"], e["op"]) for e in logs] == [("progress_report_failed", op)]
+        assert "RedisClusterException" in logs[0]["error"]
+        with pytest.raises(RedisUnavailable):
+            await strict.call(op, "b1", USER, *args, **kwargs)
+    rep = Rep(lenient)
+    with structlog.testing.capture_logs() as logs:
+        r = await Rep.enter(rep.open("b1", flush_ms=60_000))
+        r.item("1")
+        await Rep.exit(r)
+    assert [e["event"] for e in logs] == ["progress_report_lost"]
+
+
+async def test_best_effort_swallows_an_unreachable_async_cluster() -> None:
+    # redis-py 8's asyncio RedisCluster connects on its first command
+    client = redis.asyncio.cluster.RedisCluster(
+        host="127.0.0.1", port=free_port(), socket_connect_timeout=0.5
+    )
+    try:
+        lenient = Em(AsyncEmitter(client, best_effort=True), redis.Redis(), KeySpace())
+        strict = Em(AsyncEmitter(client), redis.Redis(), KeySpace())
+        await _cluster_ops(lenient, strict)
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.slow
+async def test_best_effort_swallows_a_lost_sync_cluster() -> None:
+    # the sync RedisCluster connects in its constructor (raising RedisClusterException when
+    # no seed answers, before any emitter exists): build it on a live cluster, then lose it
+    try:
+        cluster = RedisCluster().start()
+    except NoRedisBinary as e:
+        pytest.skip(f"no Redis cluster: {e}")
+    client = None
+    try:
+        client = redis.cluster.RedisCluster(
+            host="127.0.0.1", port=cluster.servers[0].port, socket_connect_timeout=0.5
+        )
+        for s in cluster.servers:
+            s.kill()
+        lenient = Em(Emitter(client, best_effort=True), redis.Redis(), KeySpace())
+        strict = Em(Emitter(client), redis.Redis(), KeySpace())
+        await _cluster_ops(lenient, strict)
+    finally:
+        if client is not None:
+            client.close()
+        cluster.stop()
 
 
 # --------------------------------------------------------------------------------------------
