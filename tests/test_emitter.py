@@ -1291,17 +1291,10 @@ class Model:
             if kw.get("label") is not None:
                 new.label = kw["label"] or None
         elif op == "item":
-            prev, ok = self.items.get(kw["item_id"]), kw["ok"]
-            if prev is not ok:
-                if prev is None:
-                    new.processed += 1
-                elif prev:  # moved out of successful (counted anew if a set zeroed it)
-                    new.successful, new.processed = _take(new.successful, new.processed)
-                else:
-                    new.failed, new.processed = _take(new.failed, new.processed)
-                new.successful += ok
-                new.failed += not ok
-                new.items[kw["item_id"]] = ok
+            new.count(kw["item_id"], kw["ok"])
+        elif op == "items":
+            for item_id, ok in kw["outcomes"]:  # exactly as item calls in order
+                new.count(item_id, ok)
         elif op == "incr":
             new.successful += kw.get("successful", 0)
             new.failed += kw.get("failed", 0)
@@ -1322,11 +1315,24 @@ class Model:
             if 0 < new.total <= new.processed:
                 new.status = "completed"
         new.exists = True
-        changed = new != self
+        changed = new != self  # items: a flip and its flip back in one call change nothing
         if changed:
             new.seq += 1
             self.__dict__.update(new.__dict__)
         return changed
+
+    def count(self, item_id: str, ok: bool) -> None:
+        prev = self.items.get(item_id)
+        if prev is not ok:
+            if prev is None:
+                self.processed += 1
+            elif prev:  # moved out of successful (counted anew if a set zeroed it)
+                self.successful, self.processed = _take(self.successful, self.processed)
+            else:
+                self.failed, self.processed = _take(self.failed, self.processed)
+            self.successful += ok
+            self.failed += not ok
+            self.items[item_id] = ok
 
 
 def _take(bucket: int, processed: int) -> tuple[int, int]:
@@ -1335,13 +1341,20 @@ def _take(bucket: int, processed: int) -> tuple[int, int]:
 
 _small = st.integers(0, 6)  # small values: totals get reached
 _tiny = st.integers(0, 2)  # set's counters often land below the items they hold
-_item = st.tuples(
-    st.just("item"),
-    st.fixed_dictionaries({"item_id": st.sampled_from(["i0", "i1", "i2"]), "ok": st.booleans()}),
+# numbered ids (bitmaps: close ones through a byte window, far apart ones bit by bit; large
+# sparse ones in the hash), look-alikes that are not numbered, free-form ids
+_ids = st.sampled_from(
+    ["0", "7", "9", "100000", "16777216", "4294967295", "07", "-1", "+7", "7 ", "i0", "i1"]
+)
+_item = st.tuples(st.just("item"), st.fixed_dictionaries({"item_id": _ids, "ok": st.booleans()}))
+_items = st.tuples(
+    st.just("items"),
+    st.fixed_dictionaries({"outcomes": st.lists(st.tuples(_ids, st.booleans()), max_size=8)}),
 )
 OPS = st.one_of(
     _item,
-    _item,  # twice as likely as the other ops: repeats and flips are the interesting part
+    _items,
+    _items,  # more likely than the other ops: repeats and flips are the interesting part
     st.tuples(
         st.just("start"),
         st.fixed_dictionaries({"total": _small, "label": st.sampled_from([None, "", "a", "b"])}),
@@ -1380,21 +1393,33 @@ OPS = st.one_of(
 
 
 @settings(
-    max_examples=50,
+    max_examples=150,
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
-@given(ops=st.lists(OPS, min_size=5, max_size=40))
+@given(ops=st.lists(OPS, min_size=5, max_size=40), mapping=st.booleans())
 @example(  # a set lowered successful below the items it holds, then one of them flips
     ops=[
         ("item", {"item_id": "i0", "ok": True}),
         ("set", {"successful": 0}),
         ("item", {"item_id": "i0", "ok": False}),
-    ]
+    ],
+    mapping=False,
+)
+@example(  # a flip and its flip back in one call, then a set under the items, then flips
+    ops=[
+        ("items", {"outcomes": [("7", True), ("07", False), ("100000", False)]}),
+        ("items", {"outcomes": [("7", False), ("7", True)]}),
+        ("set", {"successful": 0, "failed": 0}),
+        ("items", {"outcomes": [("7", False), ("100000", True), ("07", True), ("i0", True)]}),
+        ("finish", {"status": "cancelled"}),
+        ("items", {"outcomes": [("4294967295", True), ("4294967295", False), ("0", True)]}),
+    ],
+    mapping=False,
 )
 def test_random_op_sequences_follow_the_model(
-    redis_client: redis.Redis, prefix: str, ops: list[tuple[str, dict[str, Any]]]
+    redis_client: redis.Redis, prefix: str, ops: list[tuple[str, dict[str, Any]]], mapping: bool
 ) -> None:
     emitter = Emitter(redis_client, prefix=prefix)
     keys = KeySpace(prefix)
@@ -1413,7 +1438,10 @@ def test_random_op_sequences_follow_the_model(
             assert emitter.get(batch_id) == prev, where
             assert redis_client.xlen(keys.stream(0)) == before, where
             continue
-        state = getattr(emitter, op)(batch_id, USER, **kw)
+        call_kw = kw
+        if op == "items" and mapping and len(dict(kw["outcomes"])) == len(kw["outcomes"]):
+            call_kw = {"outcomes": dict(kw["outcomes"])}  # distinct ids: a mapping counts alike
+        state = getattr(emitter, op)(batch_id, USER, **call_kw)
         assert isinstance(state, BatchState)
         explicit_processed |= op == "set" and "processed" in kw
         assert redis_client.xlen(keys.stream(0)) == before + changed, where
@@ -1429,3 +1457,18 @@ def test_random_op_sequences_follow_the_model(
         assert (state.seq, state.label) == (model.seq, model.label), where
         prev = state
     assert emitter.get(batch_id) == prev
+    assert stored_outcomes(redis_client, keys, batch_id) == model.items
+
+
+def stored_outcomes(r: redis.Redis, keys: KeySpace, batch_id: str) -> dict[str, bool]:
+    """Every item outcome the batch holds, read back from the hash and both bitmaps."""
+    raw: Any = r.hgetall(keys.items(batch_id))
+    out = {k.decode(): v == b"1" for k, v in raw.items()}
+    seen, failed = r.get(keys.seen(batch_id)) or b"", r.get(keys.failed(batch_id)) or b""
+    for i, byte in enumerate(seen):
+        for b in range(8) if byte else ():
+            if byte & (128 >> b):
+                n = 8 * i + b
+                assert str(n) not in out, f"{n} both in the hash and in the bitmap"
+                out[str(n)] = not _bit(failed, n)
+    return out
