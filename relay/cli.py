@@ -7,7 +7,8 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import redis
 
@@ -89,6 +90,8 @@ def cmd_emit(args: argparse.Namespace) -> int:
         state = emitter.start(b, u, args.total, label=args.label)
     elif args.op == "item":
         state = emitter.item(b, u, args.item_id, ok=not args.failed)
+    elif args.op == "items":
+        state = _emit_items(emitter, b, u, sys.stdin, default_ok=not args.failed, chunk=args.chunk)
     elif args.op == "incr":
         state = emitter.incr(b, u, successful=args.successful, failed=args.failed)
     elif args.op == "set":
@@ -105,6 +108,39 @@ def cmd_emit(args: argparse.Namespace) -> int:
         state = emitter.finish(b, u, args.status)
     print(json.dumps(state.to_dict() if state else None))
     return 0
+
+
+ITEMS_LINES = """\
+stdin: one item per line, `ITEM_ID` or `ITEM_ID<TAB>ok` or `ITEM_ID<TAB>failed`
+(a line without a tab is `ok`, or `failed` with --failed; blank lines are skipped). Sent
+through `items` in chunks of --chunk lines, each chunk atomic; prints the final state."""
+
+
+def _emit_items(
+    emitter: Any, batch_id: str, user_id: str, lines: Iterable[str], *, default_ok: bool, chunk: int
+) -> Any:
+    state = None
+    outcomes: list[tuple[str, bool]] = []
+    for number, raw in enumerate(lines, 1):
+        line = raw.rstrip("\r\n")
+        if not line:
+            continue
+        item_id, tab, outcome = line.rpartition("\t")
+        if not tab:
+            item_id, ok = line, default_ok
+        elif outcome in ("ok", "failed"):
+            ok = outcome == "ok"
+        else:
+            raise EmitError(
+                f"stdin line {number}: outcome must be `ok` or `failed`, got {outcome!r}"
+            )
+        outcomes.append((item_id, ok))
+        if len(outcomes) >= chunk:
+            state = emitter.items(batch_id, user_id, outcomes)
+            outcomes = []
+    if outcomes or state is None:
+        state = emitter.items(batch_id, user_id, outcomes)
+    return state
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -128,13 +164,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="relay", description="Live batch progress over WebSocket.")
     p.add_argument("--config", help="TOML config file (default: $RELAY_CONFIG, else none)")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def command(name: str, help_text: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help_text)
+    def command(name: str, help_text: str, epilog: str | None = None) -> argparse.ArgumentParser:
+        sp = sub.add_parser(
+            name,
+            help=help_text,
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         sp.add_argument("--config", default=argparse.SUPPRESS, help="TOML config file")
         return sp
 
@@ -144,10 +192,18 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--ttl", type=float, default=3600.0, help="seconds (default 3600)")
     tok.set_defaults(func=cmd_token)
 
-    emit = command("emit", "run one operation and print the new state as JSON")
+    emit = command(
+        "emit",
+        "run one operation and print the new state as JSON",
+        epilog=f"relay emit items: {ITEMS_LINES}",
+    )
     ops = emit.add_subparsers(dest="op", required=True)
-    for name in ("start", "item", "incr", "set", "finish"):
-        o = ops.add_parser(name)
+    for name in ("start", "item", "items", "incr", "set", "finish"):
+        o = ops.add_parser(
+            name,
+            description=ITEMS_LINES if name == "items" else None,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         o.add_argument("batch_id")
         o.add_argument("user_id")
         if name == "start":
@@ -156,6 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
         elif name == "item":
             o.add_argument("item_id")
             o.add_argument("--failed", action="store_true", help="the item failed")
+        elif name == "items":
+            o.add_argument("--failed", action="store_true", help="lines without a tab failed")
+            o.add_argument(
+                "--chunk", type=_positive, default=1000, help="lines per call (default 1000)"
+            )
         elif name == "incr":
             o.add_argument("--successful", type=int, default=0)
             o.add_argument("--failed", type=int, default=0)

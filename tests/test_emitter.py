@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import multiprocessing
+import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -879,6 +883,30 @@ async def test_best_effort_survives_a_redis_crash(
     finally:
         sync_client.close()
         await async_client.aclose()
+
+
+def test_cli_emit_items_reads_stdin(redis_url: str, redis_client: redis.Redis, prefix: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    env |= {"RELAY_REDIS_URL": redis_url, "RELAY_REDIS_PREFIX": prefix}
+    lines = "1\n2\tfailed\n\nfile a.txt\tok\n1\tfailed\n07\n3\r\n"
+
+    def emit(*args: str, stdin: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "relay.cli", "emit", "items", "b1", USER, *args]
+        return subprocess.run(cmd, input=stdin, env=env, capture_output=True, text=True, timeout=30)
+
+    out = emit("--chunk", "2", stdin=lines)
+    assert out.returncode == 0, out.stderr
+    final = json.loads(out.stdout)
+    assert (final["processed"], final["successful"], final["failed"]) == (5, 3, 2)
+    assert final["seq"] == 3  # chunks [1, 2], [file a.txt, 1], [07, 3]
+    out = emit("--failed", stdin="4\n5\tok\n")
+    assert json.loads(out.stdout)["failed"] == 3
+    out = emit(stdin="6\tmaybe\n")
+    assert out.returncode == 1 and "line 1" in out.stderr
+    assert Emitter(redis_client, prefix=prefix).get("b1") == state_from_fields(
+        {k: str(v) for k, v in json.loads(emit(stdin="").stdout).items() if v is not None}
+        | {"v": "1", "user_id": USER}
+    )
 
 
 # --------------------------------------------------------------------------------------------
