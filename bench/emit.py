@@ -1,38 +1,60 @@
-"""Throughput of the emit script against the raw stream append it wraps.
+"""Throughput and memory of the emit script, next to pipelined XADD and the previous script.
 
-    python bench/emit.py [--redis-url URL] [--n N] [--concurrency C]
+    python bench/emit.py [--redis-url URL] [--scale S] [--reporter-items N] [--reporter-procs P]
 
-Measures, in one run and against one Redis:
-  - `AsyncEmitter.item` with C concurrent tasks over N distinct item ids (one batch);
-  - raw `XADD` of a 12-field entry like the script's, from C concurrent tasks, one command
-    in flight per task (the same concurrency style as the emitter);
-  - the same `XADD`, pipelined: each task sends pipelines of --pipeline commands.
-Prints a table, the ratios, and one JSON line with the figures. Without --redis-url it spawns
-a private redis-server (tests/redis_server.py); with one, it only touches its own keys.
+One run, one Redis (a private redis-server unless --redis-url is given), these measurements:
+
+  - `XADD` of a 12-field entry like the script's: the stream append every change ends with;
+  - the previous script (bench/baseline_emit.lua, relay/lua/emit.lua as of commit 6c708cf, kept
+    as a file so the comparison runs anywhere) and the current one: `item` with free-form ids
+    (`item-123456`), `item` with numbered ids, `set`;
+  - `items` with numbered ids in calls of 1, 10, 100 and 500 outcomes (and 500 free-form);
+  - the reporter: N numbered items (default 10,000,000) through `Emitter.reporter` from P worker
+    processes, wall time and the batch's Redis memory (`MEMORY USAGE` of its keys);
+  - bytes per item of free-form ids (the item-outcome hash) and numbered ids (the bitmaps).
+
+The Redis-side measurements send pre-encoded commands over raw sockets (4 connections, each
+pipelining a window of commands, replies parsed by hiredis), as `redis-benchmark -P` does, so
+they measure Redis and the script rather than Python: "ops/s" is what one Redis core sustained.
+`cpu us/call` is Redis' own `usec_per_call` (INFO commandstats). Prints a table, the three goals
+of issue 11 as met / not met, and one JSON line with every figure.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib
 import json
+import multiprocessing
+import socket
 import sys
+import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-import redis.asyncio
-from redis.typing import EncodableT, FieldT
+import hiredis
+import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from relay.emitter import AsyncEmitter  # noqa: E402 - needs the repository root on sys.path
+from relay.emitter import SCRIPT, Emitter  # noqa: E402 - needs the repository root on sys.path
+from relay.keys import KeySpace  # noqa: E402
 
-STREAM_MAXLEN = 100_000  # the emitter's default, so both sides trim alike
+BASELINE_SCRIPT = (Path(__file__).parent / "baseline_emit.lua").read_text()
+STREAM_MAXLEN = "100000"  # the emitter's default, so every measurement trims alike
+TTL = ["86400000", "3600000", STREAM_MAXLEN]
+USER = "bench-user"
+CONNECTIONS = 4
+
+# goals of issue 11
+GOAL_ITEMS_500 = 500_000  # outcomes/s in calls of 500
+GOAL_BYTES = 4_000_000  # a 10,000,000-item numbered batch
+GOAL_REPORTER_S = 60.0
+GOAL_ITEM_RATIO = 2.0  # single `item` vs the previous script
 
 
 class Server(Protocol):
@@ -53,150 +75,263 @@ def private_server() -> Server | None:
     return server
 
 
-async def run_tasks(
-    n: int, concurrency: int, step: int, work: Callable[[int, int], Awaitable[None]]
-) -> float:
-    """Run work(first, count) over [0, n) in chunks of `step` from `concurrency` tasks; secs."""
-    next_index = 0
+def resp(*args: str | bytes) -> bytes:
+    """One command in the Redis protocol."""
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        b = a.encode() if isinstance(a, str) else a
+        out.append(b"$%d\r\n%s\r\n" % (len(b), b))
+    return b"".join(out)
 
-    async def worker() -> None:
-        nonlocal next_index
-        while next_index < n:
-            first = next_index
-            count = min(step, n - first)
-            next_index += count
-            await work(first, count)
 
+def blast(host: str, port: int, commands: list[bytes], window: int) -> float:
+    """Send `commands` over CONNECTIONS sockets, `window` in flight per socket; seconds."""
+    shares = [commands[i::CONNECTIONS] for i in range(CONNECTIONS)]
+    errors: list[str] = []
+
+    def run(share: list[bytes]) -> None:
+        with socket.create_connection((host, port)) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            reader = hiredis.Reader()
+            for first in range(0, len(share), window):
+                chunk = share[first : first + window]
+                sock.sendall(b"".join(chunk))
+                replies = 0
+                while replies < len(chunk):
+                    reply = reader.gets()
+                    if reply is False:
+                        data = sock.recv(1 << 20)
+                        if not data:
+                            raise ConnectionError("redis closed the connection")
+                        reader.feed(data)
+                        continue
+                    if isinstance(reply, hiredis.ReplyError) and len(errors) < 5:
+                        errors.append(str(reply))
+                    replies += 1
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in shares if s]
     t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return time.perf_counter() - t0
-
-
-def entry(prefix: str, i: int) -> dict[FieldT, EncodableT]:
-    """A 12-field entry shaped like the script's (same names, similar sizes)."""
-    now = str(int(time.time() * 1000))
-    return {
-        "v": "1",
-        "batch_id": f"{prefix}-batch",
-        "user_id": "bench-user",
-        "status": "processing",
-        "total": "1000000",
-        "processed": str(i),
-        "successful": str(i),
-        "failed": "0",
-        "seq": str(i + 1),
-        "started_at": now,
-        "updated_at": now,
-        "label": "bench",
-    }
-
-
-async def bench_item(client: redis.asyncio.Redis, prefix: str, n: int, c: int) -> float:
-    emitter = AsyncEmitter(client, prefix=prefix, stream_maxlen=STREAM_MAXLEN)
-    await emitter.start("batch", "bench-user", n, label="bench")
-    for i in range(min(200, n)):  # warm-up: script cache, connections (not counted)
-        await emitter.item("warmup", "bench-user", f"w{i}")
-
-    async def work(first: int, count: int) -> None:
-        await emitter.item("batch", "bench-user", f"item-{first}")
-
-    secs = await run_tasks(n, c, 1, work)
-    state = await emitter.get("batch")
-    if state is None or state.processed != n:
-        raise SystemExit(f"emit benchmark lost updates: {state}")
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    secs = time.perf_counter() - t0
+    if errors:
+        raise SystemExit(f"benchmark commands failed: {errors}")
     return secs
 
 
-async def bench_xadd(
-    client: redis.asyncio.Redis, prefix: str, n: int, c: int, pipeline: int
-) -> float:
+class Bench:
+    def __init__(self, url: str, prefix: str) -> None:
+        self.r = redis.Redis.from_url(url)
+        kwargs = self.r.connection_pool.connection_kwargs
+        self.host, self.port = kwargs.get("host", "127.0.0.1"), int(kwargs.get("port", 6379))
+        self.prefix = prefix
+        self.keys = KeySpace(prefix)
+        self.sha = self.r.script_load(SCRIPT)
+        self.old_sha = self.r.script_load(BASELINE_SCRIPT)
+
+    def evalsha(self, op: str, batch_id: str, pairs: list[str], *, old: bool = False) -> bytes:
+        keys = self.keys.op_keys(batch_id, USER)
+        if old:
+            keys = keys[:4]
+        sha = self.old_sha if old else self.sha
+        return resp("EVALSHA", sha, str(len(keys)), *keys, op, batch_id, USER, *TTL, *pairs)
+
+    def cpu_us(self, run: Callable[[], float]) -> tuple[float, float]:
+        """(seconds, Redis usec per EVALSHA/XADD call) of one measurement."""
+        self.r.config_resetstat()
+        secs = run()
+        stats = self.r.info("commandstats")
+        calls = sum(v["calls"] for k, v in stats.items() if k in ("cmdstat_evalsha", "cmdstat_xadd"))
+        usec = sum(v["usec"] for k, v in stats.items() if k in ("cmdstat_evalsha", "cmdstat_xadd"))
+        return secs, usec / max(calls, 1)
+
+    def measure(self, commands: list[bytes], window: int) -> tuple[float, float]:
+        return self.cpu_us(lambda: blast(self.host, self.port, commands, window))
+
+    def memory(self, batch_id: str) -> int:
+        keys = self.keys.op_keys(batch_id, USER)
+        names = [keys[0], keys[1], keys[4], keys[5]]  # batch, items hash, seen, failed
+        return sum(int(self.r.memory_usage(k, samples=0) or 0) for k in names)
+
+    def cleanup(self) -> None:
+        keys: list[Any] = list(self.r.scan_iter(match=f"*{{{self.prefix}:*", count=1000))
+        for i in range(0, len(keys), 500):
+            self.r.unlink(*keys[i : i + 500])
+
+
+def xadd_commands(prefix: str, n: int) -> list[bytes]:
     stream = f"{{{prefix}:0}}:raw"
-    for i in range(min(200, n)):  # warm-up
-        await client.xadd(f"{stream}-warmup", entry(prefix, i))
+    now = str(int(time.time() * 1000))
+    return [
+        resp("XADD", stream, "MAXLEN", "~", STREAM_MAXLEN, "*", "v", "1", "batch_id",
+             f"{prefix}-batch", "user_id", USER, "status", "processing", "total", "1000000",
+             "processed", str(i), "successful", str(i), "failed", "0", "seq", str(i + 1),
+             "started_at", now, "updated_at", now, "label", "bench")  # fmt: skip
+        for i in range(n)
+    ]
 
-    async def one(first: int, count: int) -> None:
-        await client.xadd(
-            stream,
-            entry(prefix, first),
-            maxlen=STREAM_MAXLEN,
-            approximate=True,
+
+def chunks(ids: Iterator[str] | list[str], size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for i in ids:
+        batch.append(i)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _reporter_worker(url: str, prefix: str, batch_id: str, ids: range, go: Any, out: Any) -> None:
+    client = redis.Redis.from_url(url)
+    emitter = Emitter(client, prefix=prefix)
+    go.wait(60)
+    t0 = time.perf_counter()
+    with emitter.reporter(batch_id, USER) as r:
+        item = r.item
+        for i in ids:
+            item(str(i), ok=i % 20 != 3)  # 5% failed
+    out.put(time.perf_counter() - t0)
+    client.close()
+
+
+def bench_reporter(url: str, bench: Bench, n: int, procs: int) -> dict[str, Any]:
+    batch_id = "reporter"
+    Emitter(bench.r, prefix=bench.prefix).start(batch_id, USER, n)
+    ctx = multiprocessing.get_context("spawn")
+    go, out = ctx.Event(), ctx.Queue()
+    per = -(-n // procs)
+    workers = [
+        ctx.Process(
+            target=_reporter_worker,
+            args=(url, bench.prefix, batch_id, range(w * per, min(n, (w + 1) * per)), go, out),
         )
+        for w in range(procs)
+    ]
+    for w in workers:
+        w.start()
+    time.sleep(1.0)  # imports
+    t0 = time.perf_counter()
+    go.set()
+    for _ in workers:
+        out.get(timeout=600)
+    secs = time.perf_counter() - t0
+    for w in workers:
+        w.join(30)
+    state = Emitter(bench.r, prefix=bench.prefix).get(batch_id)
+    if state is None or state.processed != n or state.failed != sum(1 for i in range(n) if i % 20 == 3):
+        raise SystemExit(f"reporter benchmark lost or doubled outcomes: {state}")
+    memory = bench.memory(batch_id)
+    return {"items": n, "procs": procs, "secs": round(secs, 2), "items_s": round(n / secs),
+            "bytes": memory, "bytes_per_item": round(memory / n, 4), "flushes": state.seq - 1}  # fmt: skip
 
-    async def piped(first: int, count: int) -> None:
-        pipe = client.pipeline(transaction=False)
-        for i in range(first, first + count):
-            pipe.xadd(stream, entry(prefix, i), maxlen=STREAM_MAXLEN, approximate=True)
-        await pipe.execute()
 
-    if pipeline <= 1:
-        return await run_tasks(n, c, 1, one)
-    return await run_tasks(n, c, pipeline, piped)
-
-
-async def cleanup(client: redis.asyncio.Redis, prefix: str) -> None:
-    keys: list[Any] = [k async for k in client.scan_iter(match=f"*{{{prefix}:*", count=1000)]
-    for i in range(0, len(keys), 500):
-        await client.unlink(*keys[i : i + 500])
-
-
-async def measure(url: str, n: int, c: int, pipeline: int) -> dict[str, Any]:
-    client = redis.asyncio.Redis.from_url(url, decode_responses=False)
+def run(url: str, scale: float, reporter_items: int, reporter_procs: int) -> dict[str, Any]:
     prefix = f"bench{uuid.uuid4().hex[:8]}"
+    bench = Bench(url, prefix)
+    rows: dict[str, dict[str, Any]] = {}
+
+    def row(name: str, commands: list[bytes], outcomes: int, window: int) -> None:
+        secs, cpu = bench.measure(commands, window)
+        rows[name] = {"calls": len(commands), "outcomes": outcomes, "secs": round(secs, 3),
+                      "ops_s": round(len(commands) / secs), "items_s": round(outcomes / secs),
+                      "cpu_us_per_call": round(cpu, 2)}  # fmt: skip
+
     try:
-        info = await client.info("server")
-        item_s = await bench_item(client, f"{prefix}a", n, c)
-        xadd_s = await bench_xadd(client, f"{prefix}b", n, c, 1)
-        piped_s = await bench_xadd(client, f"{prefix}c", n, c, pipeline)
+        info = bench.r.info("server")
+        n = int(100_000 * scale)
+        # warm-up: script cache, connections, allocator
+        blast(bench.host, bench.port, [bench.evalsha("item", "warm", ["item_id", f"w{i}", "ok", "1"]) for i in range(2000)], 64)  # fmt: skip
+        row("XADD, 12 fields", xadd_commands(prefix, 2 * n), 2 * n, 64)
+        for old in (True, False):
+            tag = "previous" if old else "current"
+            free = [bench.evalsha("item", f"{tag}-free", ["item_id", f"item-{100000 + i}", "ok", "1"], old=old) for i in range(n)]  # fmt: skip
+            row(f"{tag}: item, free-form ids", free, n, 64)
+            numbered = [bench.evalsha("item", f"{tag}-num", ["item_id", str(i), "ok", "1"], old=old) for i in range(n)]  # fmt: skip
+            row(f"{tag}: item, numbered ids", numbered, n, 64)
+            sets = [bench.evalsha("set", f"{tag}-set", ["processed", str(i + 1)], old=old) for i in range(n)]  # fmt: skip
+            row(f"{tag}: set", sets, n, 64)
+        for size, total in ((1, n), (10, 5 * n), (100, 10 * n), (500, 20 * n)):
+            calls = [
+                bench.evalsha("items", f"items-{size}", [w for i in ids for w in (i, "1" if int(i) % 20 != 3 else "0")])  # fmt: skip
+                for ids in chunks((str(i) for i in range(total)), size)
+            ]
+            row(f"items x{size}, numbered ids", calls, total, max(1, 64 // size))
+        total = 20 * n
+        calls = [
+            bench.evalsha("items", "items-free", [w for i in ids for w in (f"item-{i}", "1")])
+            for ids in chunks((str(1_000_000 + i) for i in range(total)), 500)
+        ]
+        row("items x500, free-form ids", calls, total, 1)
+        free_bytes = bench.memory("items-free") / total
+        numbered_bytes = bench.memory("items-500") / (20 * n)
+        old_free_bytes = bench.memory("previous-free") / n
+        bench.cleanup()
+        reporter = bench_reporter(url, bench, reporter_items, reporter_procs)
     finally:
-        for p in ("a", "b", "c"):
-            await cleanup(client, f"{prefix}{p}")
-        await client.aclose()
+        bench.cleanup()
+        bench.r.close()
+    xadd = rows["XADD, 12 fields"]["ops_s"]
+    for r in rows.values():
+        r["vs_xadd"] = round(r["items_s"] / xadd, 3)
+    item_ratio = rows["current: item, free-form ids"]["ops_s"] / rows["previous: item, free-form ids"]["ops_s"]  # fmt: skip
     return {
-        "n": n,
-        "concurrency": c,
-        "pipeline": pipeline,
         "redis_version": info.get("redis_version"),
-        "item_ops_s": round(n / item_s),
-        "xadd_ops_s": round(n / xadd_s),
-        "xadd_pipelined_ops_s": round(n / piped_s),
-        "item_vs_xadd": round(xadd_s / item_s, 3),  # ratio of the ops/s figures
-        "item_vs_xadd_pipelined": round(piped_s / item_s, 3),
-        "secs": {
-            "item": round(item_s, 3),
-            "xadd": round(xadd_s, 3),
-            "xadd_pipelined": round(piped_s, 3),
-        },
+        "scale": scale,
+        "rows": rows,
+        "reporter": reporter,
+        "bytes_per_item": {"free_form": round(free_bytes, 2), "numbered": round(numbered_bytes, 4),
+                           "free_form_previous": round(old_free_bytes, 2)},  # fmt: skip
+        "item_vs_previous": round(item_ratio, 2),
+        "goals": {
+            "items_x500_per_s": [rows["items x500, numbered ids"]["items_s"], GOAL_ITEMS_500,
+                                 rows["items x500, numbered ids"]["items_s"] >= GOAL_ITEMS_500],
+            "reporter_10m_bytes": [reporter["bytes"], GOAL_BYTES,
+                                   reporter["items"] >= 10_000_000 and reporter["bytes"] <= GOAL_BYTES],
+            "reporter_10m_secs": [reporter["secs"], GOAL_REPORTER_S,
+                                  reporter["items"] >= 10_000_000 and reporter["secs"] <= GOAL_REPORTER_S],
+            "item_vs_previous": [round(item_ratio, 2), GOAL_ITEM_RATIO, item_ratio >= GOAL_ITEM_RATIO],
+        },  # fmt: skip
     }
 
 
-def report(figures: dict[str, Any]) -> None:
-    rows = [
-        ("AsyncEmitter.item (Lua script)", figures["item_ops_s"], figures["secs"]["item"]),
-        ("XADD, 12 fields", figures["xadd_ops_s"], figures["secs"]["xadd"]),
-        (
-            f"XADD, 12 fields, pipelined x{figures['pipeline']}",
-            figures["xadd_pipelined_ops_s"],
-            figures["secs"]["xadd_pipelined"],
-        ),
-    ]
-    print(f"n={figures['n']} concurrency={figures['concurrency']} redis={figures['redis_version']}")
-    print(f"{'operation':<36} {'ops/s':>10} {'secs':>8}")
-    for name, ops, secs in rows:
-        print(f"{name:<36} {ops:>10,} {secs:>8.3f}")
-    print(f"ratio item / XADD:           {figures['item_vs_xadd']:.3f}")
-    print(f"ratio item / XADD pipelined: {figures['item_vs_xadd_pipelined']:.3f}")
-    print(json.dumps(figures, sort_keys=True))
+def report(f: dict[str, Any]) -> None:
+    print(f"redis {f['redis_version']}, scale {f['scale']}, {CONNECTIONS} pipelined connections")
+    print(f"{'measurement':<34} {'calls':>9} {'ops/s':>9} {'items/s':>10} {'vs XADD':>8} {'cpu us/call':>12}")
+    for name, r in f["rows"].items():
+        print(f"{name:<34} {r['calls']:>9,} {r['ops_s']:>9,} {r['items_s']:>10,} "
+              f"{r['vs_xadd']:>8.3f} {r['cpu_us_per_call']:>12.2f}")  # fmt: skip
+    rep = f["reporter"]
+    print(f"{'reporter, numbered ids':<34} {rep['flushes']:>9,} {'':>9} {rep['items_s']:>10,} "
+          f"{rep['items_s'] / f['rows']['XADD, 12 fields']['ops_s']:>8.3f}   "
+          f"({rep['items']:,} items, {rep['procs']} processes, {rep['secs']} s)")  # fmt: skip
+    b = f["bytes_per_item"]
+    print(f"bytes per item: free-form {b['free_form']} (previous script {b['free_form_previous']}), "
+          f"numbered {b['numbered']}; reporter batch {rep['bytes']:,} bytes "
+          f"({rep['bytes_per_item']} per item)")  # fmt: skip
+    print(f"single item vs previous script: {f['item_vs_previous']}x")
+    labels = {
+        "items_x500_per_s": "items in calls of 500 >= 500,000/s",
+        "reporter_10m_bytes": "10M numbered items <= 4 MB",
+        "reporter_10m_secs": "10M numbered items through the reporter <= 60 s",
+        "item_vs_previous": "single item >= 2x the previous script",
+    }
+    for key, (got, goal, met) in f["goals"].items():
+        print(f"goal: {labels[key]:<50} {got:>12,} (goal {goal:,}): {'met' if met else 'NOT MET'}")
+    print(json.dumps(f, sort_keys=True))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--redis-url", help="use this Redis instead of a private redis-server")
-    parser.add_argument("--n", type=int, default=20_000, help="operations per measurement")
-    parser.add_argument("--concurrency", type=int, default=32, help="concurrent asyncio tasks")
-    parser.add_argument("--pipeline", type=int, default=50, help="XADDs per pipeline")
+    parser.add_argument("--scale", type=float, default=1.0, help="size of the Redis-side runs")
+    parser.add_argument("--reporter-items", type=int, default=10_000_000)
+    parser.add_argument("--reporter-procs", type=int, default=2)
     args = parser.parse_args(argv)
-    if args.n < 1 or args.concurrency < 1 or args.pipeline < 1:
-        parser.error("--n, --concurrency and --pipeline must be positive")
+    if args.scale <= 0 or args.reporter_items < 1 or args.reporter_procs < 1:
+        parser.error("--scale, --reporter-items and --reporter-procs must be positive")
     server: Server | None = None
     url: str | None = args.redis_url
     if url is None:
@@ -205,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("no private redis-server available: pass --redis-url")
         url = server.url
     try:
-        figures = asyncio.run(measure(url, args.n, args.concurrency, args.pipeline))
+        figures = run(url, args.scale, args.reporter_items, args.reporter_procs)
     finally:
         if server is not None:
             server.stop()

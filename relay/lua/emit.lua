@@ -9,368 +9,467 @@
 --       7.. name/value pairs of the op's arguments; for `items`: item_id, ok (1|0) pairs
 -- Returns the batch's state as a flat [name, value, ...] array (same fields as a stream entry).
 -- Errors: "BADARG <text>" for invalid arguments, "WRONGUSER <text>" when the batch belongs to
--- another user. An error changes nothing: every command that can be refused (ACL, OOM) runs,
--- or is probed with a call that changes nothing, before the first write.
+-- another user, "NOPERM <text>" when the ACL user lacks a command the change needs. An error
+-- changes nothing: reads and permission checks come before the first write.
+--
+-- Speed: each Lua table or closure costs about as much as a Redis call here, so the hot paths
+-- (`item`, and `items` per outcome) keep to scalars, and helpers live in the branch using them.
 
 local MAX = 9007199254740991
-local TERMINAL = {completed = true, failed = true, cancelled = true}
-local STATUS = {pending = true, processing = true, completed = true, failed = true, cancelled = true}
--- numbered item ids ("0", "7", "4294967295": canonical decimals below 2^32) live in two bitmaps
--- (seen, failed) at bit offset = the number, as long as a bitmap stays small or dense: ids below
--- BITMAP_FLOOR always, larger ones while the bitmap holds at least one id per DENSITY bits.
--- Other numbered ids, and every other id, live in the item-outcome hash.
-local BITMAP_FLOOR = 16777216 -- 2^24 bits: 2 MiB per bitmap
+-- Numbered item ids (canonical decimals below 2^32: "0", "7", not "07", "-1", "+7") live in two
+-- bitmaps (seen, failed) at bit offset = the number: always below FLOOR; above it only while the
+-- bitmaps hold at least one id per DENSITY bits (else an id like 4294967295 alone would make a
+-- 512 MiB bitmap). Other numbered ids, and every other id, live in the item-outcome hash.
+local FLOOR = 16777216 -- 2^24 bits: 2 MiB per bitmap
 local DENSITY = 16
 local CHUNK = 1000 -- ids per Redis call (keeps unpack() far below Lua's stack limit)
 -- key TTLs are refreshed only when the expiry would move later by more than this (or earlier)
 local SLACK_MS = 60000
--- flags in the hidden `aux_keys` field: which optional keys exist and carry the batch's expiry
-local AUX_ITEMS, AUX_SEEN, AUX_FAILED = 1, 2, 4
+-- flags in the batch hash's hidden `aux_keys` field: optional keys that exist (and carry the
+-- batch's expiry), and whether the hash holds numbered ids
+local AUX_ITEMS, AUX_SEEN, AUX_FAILED, AUX_HASH_NUMBERS = 1, 2, 4, 8
 
-local function bad(msg) return redis.error_reply('BADARG ' .. msg) end
-
-local function valid_id(s) return type(s) == 'string' and #s >= 1 and #s <= 512 end
-local function chars(s) local _, n = string.gsub(s, '[^\128-\191]', ''); return n end
-
--- digits only: tonumber() also takes '1.5', '1e3', '0x10'
-local function int_arg(s)
-  if type(s) ~= 'string' or not string.match(s, '^%d+$') or #s > 15 then return nil end
-  return tonumber(s)
+if #KEYS ~= 6 then
+  return redis.error_reply('BADARG the script takes 6 keys (see docs/PROTOCOL.md), got ' .. #KEYS)
 end
-
-if #KEYS ~= 6 then return bad('the script takes 6 keys (see docs/PROTOCOL.md), got ' .. #KEYS) end
 local op, batch_id, user_id = ARGV[1], ARGV[2], ARGV[3]
-local active_ms, finished_ms, maxlen = int_arg(ARGV[4]), int_arg(ARGV[5]), int_arg(ARGV[6])
-if not valid_id(batch_id) or chars(batch_id) > 128 then return bad('batch_id must be 1-128 characters') end
-if not valid_id(user_id) or chars(user_id) > 128 then return bad('user_id must be 1-128 characters') end
-if not active_ms or active_ms < 1 or not finished_ms or finished_ms < 1 then
-  return bad('ttl arguments must be positive integers (ms)')
-end
-if not maxlen or maxlen < 1 then return bad('stream maxlen must be a positive integer') end
+local BAD = 'BADARG '
 
-local args = {}
--- item outcomes in order: ids[i], oks[i] ('1'|'0'), nums[i] (the number of a numbered id, else
--- false); outcomes is nil for ops without items
-local outcomes, ids, oks, nums = nil, {}, {}, {}
-local function add_outcome(item_id, ok)
-  if not valid_id(item_id) then return bad('item_id must be 1-512 bytes') end
-  if ok ~= '1' and ok ~= '0' then return bad('ok must be 1 or 0') end
-  local i = #ids + 1
-  ids[i], oks[i], nums[i] = item_id, ok, false
-  -- numbered: canonical decimal below 2^32 ("0", "7"; not "07", "-1", "+7", "1e3", " 7")
-  local b = string.byte(item_id, 1)
-  if b >= 48 and b <= 57 and #item_id <= 10 and (b ~= 48 or #item_id == 1)
-      and not string.find(item_id, '%D') then
-    local n = tonumber(item_id)
-    if n < 4294967296 then nums[i] = n end
+-- ids: 1-128 characters of UTF-8 (characters need counting only past 128 bytes)
+for i = 2, 3 do
+  local s = ARGV[i]
+  if type(s) ~= 'string' or #s < 1 or (#s > 128 and (#s > 512
+      or select(2, string.gsub(s, '[^\128-\191]', '')) > 128)) then
+    return redis.error_reply(BAD .. (i == 2 and 'batch_id' or 'user_id') .. ' must be 1-128 characters')
   end
-  return nil
 end
-if op == 'items' then
-  if (#ARGV - 6) % 2 ~= 0 then return bad('items takes item_id, ok pairs') end
-  outcomes = true
-  for i = 7, #ARGV, 2 do
-    local err = add_outcome(ARGV[i], ARGV[i + 1])
-    if err then return err end
+-- digits only: tonumber() also takes '1.5', '1e3', '0x10'
+for i = 4, 6 do
+  local s = ARGV[i]
+  if type(s) ~= 'string' or s == '' or #s > 15 or string.find(s, '%D') or tonumber(s) < 1 then
+    if i == 6 then return redis.error_reply(BAD .. 'stream maxlen must be a positive integer') end
+    return redis.error_reply(BAD .. 'ttl arguments must be positive integers (ms)')
   end
+end
+local active_ms, finished_ms, maxlen = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
+if op == 'items' then
+  if (#ARGV - 6) % 2 ~= 0 then return redis.error_reply(BAD .. 'items takes item_id, ok pairs') end
 else
   for i = 7, #ARGV, 2 do
-    if ARGV[i + 1] == nil then return bad('argument ' .. ARGV[i] .. ' has no value') end
-    args[ARGV[i]] = ARGV[i + 1]
+    if ARGV[i + 1] == nil then
+      return redis.error_reply(BAD .. 'argument ' .. ARGV[i] .. ' has no value')
+    end
   end
 end
 
--- nil when absent, false when invalid, else the number
-local function count(name)
-  local s = args[name]
-  if s == nil then return nil end
-  if not string.match(s, '^%d+$') or #s > 16 then return false end
-  local n = tonumber(s)
-  if n > MAX then return false end
-  return n
-end
-
-local function need_count(name, required)
-  local n = count(name)
-  if n == false or (required and n == nil) then
-    return nil, bad(name .. ' must be an integer between 0 and ' .. string.format('%.0f', MAX))
-  end
-  return n, nil
-end
-
--- current state (and the hidden bookkeeping fields, which stream entries never carry)
+-- current state, and the hidden bookkeeping fields (stream entries never carry them)
 local cur = redis.call('HMGET', KEYS[1], 'user_id', 'status', 'total', 'processed', 'successful',
-  'failed', 'seq', 'started_at', 'label', 'updated_at', 'expires_at', 'bitmap_items',
-  'hash_numbers', 'aux_keys')
+  'failed', 'seq', 'started_at', 'label', 'updated_at', 'expires_at', 'aux_keys')
 local exists = cur[1] ~= false
 if exists and cur[1] ~= user_id then
   return redis.error_reply('WRONGUSER batch ' .. batch_id .. ' belongs to another user')
 end
-local old = {
-  status = cur[2] or 'pending', total = tonumber(cur[3]) or 0, processed = tonumber(cur[4]) or 0,
-  successful = tonumber(cur[5]) or 0, failed = tonumber(cur[6]) or 0, label = cur[9] or false,
-}
-local new = {}
-for k, v in pairs(old) do new[k] = v end
-local expires_at = exists and tonumber(cur[11]) or nil
-local bitmap_items, hash_numbers = tonumber(cur[12]) or 0, tonumber(cur[13]) or 0
-local aux = exists and tonumber(cur[14]) or 0
-local old_bitmap_items, old_hash_numbers = bitmap_items, hash_numbers
+local status, label = cur[2] or 'pending', cur[9] or false
+local total, processed = tonumber(cur[3]) or 0, tonumber(cur[4]) or 0
+local successful, failed = tonumber(cur[5]) or 0, tonumber(cur[6]) or 0
+local o_status, o_label, o_total, o_processed, o_successful, o_failed =
+  status, label, total, processed, successful, failed
+local expires_at, aux = nil, 0
+if exists then expires_at, aux = tonumber(cur[11]), tonumber(cur[12]) or 0 end
+local new_aux = aux
 local explicit_status = false
+local item_changed = false -- some item's stored outcome changes
 
--- call `cmd key <per-id words..>` over ids in chunks; returns the concatenated replies.
--- `head` words go first in the first call only (their replies too).
-local function chunked(cmd, key, head, ids, words)
-  local out = {}
-  for first = 1, #ids, CHUNK do
-    local argv = {key}
-    if first == 1 then
-      for _, w in ipairs(head) do argv[#argv + 1] = w end
+-- item writes, run after the probes: one hash field, byte patches of the bitmaps (offset,
+-- bytes), and for `items` a function writing the rest
+local hash_f, hash_v = nil, nil
+local seen_off, seen_bytes, failed_off, failed_bytes = nil, nil, nil, nil
+local write_items = nil -- items: the hash fields and BITFIELD bits, written in chunks
+
+if op == 'item' then
+  local id, ok
+  for i = 7, #ARGV, 2 do
+    if ARGV[i] == 'item_id' then id = ARGV[i + 1] elseif ARGV[i] == 'ok' then ok = ARGV[i + 1] end
+  end
+  if type(id) ~= 'string' or #id < 1 or #id > 512 then return redis.error_reply(BAD .. 'item_id must be 1-512 bytes') end
+  if ok ~= '1' and ok ~= '0' then return redis.error_reply(BAD .. 'ok must be 1 or 0') end
+  -- numbered: a canonical decimal below 2^32
+  local n, b = nil, string.byte(id, 1)
+  if b >= 48 and b <= 57 and #id <= 10 and (b ~= 48 or #id == 1) and not string.find(id, '%D') then
+    n = tonumber(id)
+    if n >= 4294967296 then n = nil end
+  end
+  local prev, in_bitmap, at, mask, seen_byte, failed_byte = nil, false, 0, 0, 0, nil
+  if n then
+    at, mask = math.floor(n / 8), bit.rshift(128, n % 8)
+    seen_byte = string.byte(redis.call('GETRANGE', KEYS[5], at, at)) or 0
+    if bit.band(seen_byte, mask) ~= 0 then
+      in_bitmap = true
+      failed_byte = string.byte(redis.call('GETRANGE', KEYS[6], at, at)) or 0
+      if bit.band(failed_byte, mask) ~= 0 then prev = '0' else prev = '1' end
+    elseif n >= FLOOR and bit.band(aux, AUX_HASH_NUMBERS) ~= 0 then
+      prev = redis.call('HGET', KEYS[2], id) or nil
     end
-    for i = first, math.min(first + CHUNK - 1, #ids) do words(argv, ids[i]) end
-    local reply = redis.call(cmd, unpack(argv))
-    if type(reply) == 'table' then
-      for _, v in ipairs(reply) do out[#out + 1] = v end
+  else
+    prev = redis.call('HGET', KEYS[2], id) or nil
+  end
+  if prev ~= ok then
+    -- as `count` in the items branch below
+    if prev == '1' then
+      if successful > 0 then successful = successful - 1 else processed = processed + 1 end
+    elseif prev == '0' then
+      if failed > 0 then failed = failed - 1 else processed = processed + 1 end
+    else
+      processed = processed + 1
+    end
+    if ok == '1' then successful = successful + 1 else failed = failed + 1 end
+    item_changed = true
+    if prev == nil and n then -- may it go into the bitmaps? (as `fits` below)
+      in_bitmap = n < FLOOR or n < DENSITY * (redis.call('BITCOUNT', KEYS[5]) + 1)
+    end
+    if in_bitmap then
+      if prev == nil then
+        seen_off, seen_bytes = at, string.char(bit.bor(seen_byte, mask))
+        new_aux = bit.bor(new_aux, AUX_SEEN)
+      end
+      if ok == '0' or prev == '0' then
+        if failed_byte == nil then
+          failed_byte = string.byte(redis.call('GETRANGE', KEYS[6], at, at)) or 0
+        end
+        if ok == '0' then failed_byte = bit.bor(failed_byte, mask)
+        else failed_byte = bit.band(failed_byte, bit.bnot(mask)) end
+        failed_off, failed_bytes = at, string.char(failed_byte)
+        new_aux = bit.bor(new_aux, AUX_FAILED)
+      end
+    else
+      hash_f, hash_v = id, ok
+      new_aux = bit.bor(new_aux, AUX_ITEMS)
+      if n then new_aux = bit.bor(new_aux, AUX_HASH_NUMBERS) end
     end
   end
-  return out
-end
+elseif op == 'items' then
+  -- count one outcome of an item whose stored outcome `prev` ('1', '0' or nil) differs from ok
+  local function count(prev, ok)
+    if prev == '1' then
+      -- a `set` may have lowered the counter below the items it holds: then count the item anew
+      if successful > 0 then successful = successful - 1 else processed = processed + 1 end
+    elseif prev == '0' then
+      if failed > 0 then failed = failed - 1 else processed = processed + 1 end
+    else
+      processed = processed + 1
+    end
+    if ok == '1' then successful = successful + 1 else failed = failed + 1 end
+  end
 
--- item outcomes: state[key] is '1', '0' or nil (unseen); key is the number for numbered ids
--- (wherever they are stored), else the id string
-local orig, state, place = {}, {}, {}
-local touched, is_touched = {}, {} -- keys whose outcome moved, in first-touched order
--- bitmaps are read and written either through a byte window (GETRANGE/SETRANGE: numbers close
--- together, as a reporter's flushes mostly are) or bit by bit (BITFIELD: scattered numbers)
-local window = nil -- {lo = first byte, seen = bytes, failed = bytes}
-local absent = {} -- bitmap key -> true when it does not exist yet (to create it at full size)
+  -- the number of a numbered item id (non-empty), else nil
+  local function number_of(id)
+    local b = string.byte(id, 1)
+    if b < 48 or b > 57 or #id > 10 or (b == 48 and #id > 1) or string.find(id, '%D') then
+      return nil
+    end
+    local n = tonumber(id)
+    if n >= 4294967296 then return nil end
+    return n
+  end
 
-local function bit_in(bytes, n)
-  local b = string.byte(bytes, math.floor(n / 8) - window.lo + 1)
-  return b ~= nil and bit.band(b, bit.rshift(128, n % 8)) ~= 0
-end
+  -- may a new numbered id go into the bitmaps?
+  local bitcount = nil
+  local function fits(n)
+    if n < FLOOR then return true end
+    if bitcount == nil then bitcount = redis.call('BITCOUNT', KEYS[5]) end
+    if n < DENSITY * (bitcount + 1) then bitcount = bitcount + 1; return true end
+    return false
+  end
 
-local function read_outcomes()
-  local numbers, strings, seen_num, seen_str = {}, {}, {}, {}
+  -- parse; keys of item state: the number for numbered ids, else the id string
+  local ids, oks, keys = {}, {}, {}
+  local numbers, strings, listed = {}, {}, {}
   local lo, hi = nil, nil
-  for i = 1, #ids do
-    local n = nums[i]
-    if n then
-      if not seen_num[n] then
-        seen_num[n] = true; numbers[#numbers + 1] = n
+  for i = 7, #ARGV, 2 do
+    local id, ok = ARGV[i], ARGV[i + 1]
+    if #id < 1 or #id > 512 then return redis.error_reply(BAD .. 'item_id must be 1-512 bytes') end
+    if ok ~= '1' and ok ~= '0' then return redis.error_reply(BAD .. 'ok must be 1 or 0') end
+    local n = number_of(id)
+    local key = n or id
+    ids[#ids + 1], oks[#oks + 1], keys[#keys + 1] = id, ok, key
+    if not listed[key] then
+      listed[key] = true
+      if n then
+        numbers[#numbers + 1] = n
         if lo == nil or n < lo then lo = n end
         if hi == nil or n > hi then hi = n end
+      else
+        strings[#strings + 1] = id
       end
-    elseif not seen_str[ids[i]] then
-      seen_str[ids[i]] = true; strings[#strings + 1] = ids[i]
     end
   end
+
+  -- call `cmd key <head..> <words of each id..>` in chunks; the replies, concatenated
+  local function chunked(cmd, key, head, list, words)
+    local out = {}
+    for first = 1, #list, CHUNK do
+      local argv = {key}
+      if first == 1 then for _, w in ipairs(head) do argv[#argv + 1] = w end end
+      for i = first, math.min(first + CHUNK - 1, #list) do words(argv, list[i]) end
+      local reply = redis.call(cmd, unpack(argv))
+      if type(reply) == 'table' then for _, v in ipairs(reply) do out[#out + 1] = v end end
+    end
+    return out
+  end
+  local function get_bit(a, n) a[#a + 1] = 'GET'; a[#a + 1] = 'u1'; a[#a + 1] = n end
+  local function field(a, k) a[#a + 1] = type(k) == 'number' and string.format('%d', k) or k end
+
+  -- read the stored outcomes. Bitmaps: through one byte window when the numbers are close
+  -- (a reporter's flushes mostly are), else bit by bit with BITFIELD
+  local orig, in_bitmap = {}, {}
+  local window_lo, seen_window, failed_window = nil, nil, nil
   local in_hash = strings
   if #numbers > 0 then
-    local unset = {} -- numbers whose seen bit is clear
+    local outside = {} -- numbers >= FLOOR not in the bitmaps: maybe in the hash
     if hi - lo < 16 * #numbers + 64 and hi - lo < 262144 then
-      window = {lo = math.floor(lo / 8)}
-      local last = math.floor(hi / 8)
-      window.seen = redis.call('GETRANGE', KEYS[5], window.lo, last)
-      window.failed = redis.call('GETRANGE', KEYS[6], window.lo, last)
+      window_lo = math.floor(lo / 8)
+      seen_window = redis.call('GETRANGE', KEYS[5], window_lo, math.floor(hi / 8))
+      failed_window = redis.call('GETRANGE', KEYS[6], window_lo, math.floor(hi / 8))
       for _, n in ipairs(numbers) do
-        if bit_in(window.seen, n) then
-          place[n] = 'bitmap'
-          if bit_in(window.failed, n) then orig[n] = '0' else orig[n] = '1' end
-        else
-          unset[#unset + 1] = n
+        local i, m = math.floor(n / 8) - window_lo + 1, bit.rshift(128, n % 8)
+        if bit.band(string.byte(seen_window, i) or 0, m) ~= 0 then
+          in_bitmap[n] = true
+          if bit.band(string.byte(failed_window, i) or 0, m) ~= 0 then orig[n] = '0' else orig[n] = '1' end
+        elseif n >= FLOOR then
+          outside[#outside + 1] = n
         end
       end
     else
       -- BITFIELD (not BITFIELD_RO): the read also proves the bitmap writes are allowed
-      local bits = chunked('BITFIELD', KEYS[5], {}, numbers,
-        function(a, n) a[#a + 1] = 'GET'; a[#a + 1] = 'u1'; a[#a + 1] = n end)
+      local bits = chunked('BITFIELD', KEYS[5], {}, numbers, get_bit)
       local set_numbers = {}
       for i, n in ipairs(numbers) do
-        if bits[i] == 1 then set_numbers[#set_numbers + 1] = n else unset[#unset + 1] = n end
+        if bits[i] == 1 then set_numbers[#set_numbers + 1] = n
+        elseif n >= FLOOR then outside[#outside + 1] = n end
       end
       if #set_numbers > 0 then
-        local failed = chunked('BITFIELD', KEYS[6], {}, set_numbers,
-          function(a, n) a[#a + 1] = 'GET'; a[#a + 1] = 'u1'; a[#a + 1] = n end)
+        local fbits = chunked('BITFIELD', KEYS[6], {}, set_numbers, get_bit)
         for i, n in ipairs(set_numbers) do
-          place[n] = 'bitmap'
-          if failed[i] == 1 then orig[n] = '0' else orig[n] = '1' end
+          in_bitmap[n] = true
+          if fbits[i] == 1 then orig[n] = '0' else orig[n] = '1' end
         end
       end
     end
-    if hash_numbers > 0 and #unset > 0 then -- numbered ids that did not fit the bitmaps
+    if #outside > 0 and bit.band(aux, AUX_HASH_NUMBERS) ~= 0 then
       in_hash = {}
       for _, v in ipairs(strings) do in_hash[#in_hash + 1] = v end
-      for _, n in ipairs(unset) do in_hash[#in_hash + 1] = n end
+      for _, n in ipairs(outside) do in_hash[#in_hash + 1] = n end
     end
-    if bit.band(aux, AUX_SEEN) == 0 then absent[KEYS[5]] = redis.call('EXISTS', KEYS[5]) == 0 end
-    if bit.band(aux, AUX_FAILED) == 0 then absent[KEYS[6]] = redis.call('EXISTS', KEYS[6]) == 0 end
   end
   if #in_hash > 0 then
-    local values = chunked('HMGET', KEYS[2], {}, in_hash,
-      function(a, k) a[#a + 1] = type(k) == 'number' and string.format('%d', k) or k end)
+    local values = chunked('HMGET', KEYS[2], {}, in_hash, field)
     for i, k in ipairs(in_hash) do
-      if values[i] then orig[k] = values[i]; place[k] = 'hash' end
+      if values[i] then orig[k] = values[i] end
     end
   end
+
+  -- count in order
+  local state, touched, is_touched = {}, {}, {}
   for k, v in pairs(orig) do state[k] = v end
-end
-
-local function count_outcome(key, n, ok)
-  local prev = state[key]
-  if prev == ok then return end
-  if prev == nil then
-    new.processed = new.processed + 1
-    if n and (n < BITMAP_FLOOR or n < DENSITY * (bitmap_items + 1)) then
-      place[key] = 'bitmap'; bitmap_items = bitmap_items + 1
-    else
-      place[key] = 'hash'
-      if n then hash_numbers = hash_numbers + 1 end
-    end
-  elseif prev == '1' then
-    -- a `set` may have lowered the counter below the items it holds: then count the item anew
-    if new.successful > 0 then new.successful = new.successful - 1 else new.processed = new.processed + 1 end
-  else
-    if new.failed > 0 then new.failed = new.failed - 1 else new.processed = new.processed + 1 end
-  end
-  if ok == '1' then new.successful = new.successful + 1 else new.failed = new.failed + 1 end
-  if not is_touched[key] then is_touched[key] = true; touched[#touched + 1] = key end
-  state[key] = ok
-end
-
-if op == 'start' then
-  local total, err = need_count('total', true)
-  if err then return err end
-  new.total = total
-  if args.label ~= nil then
-    if chars(args.label) > 200 then return bad('label must be at most 200 characters') end
-    if args.label == '' then new.label = false else new.label = args.label end
-  end
-elseif op == 'item' then
-  local err = add_outcome(args.item_id, args.ok)
-  if err then return err end
-  outcomes = true
-elseif op == 'items' then
-  -- parsed above
-elseif op == 'incr' then
-  local s, err = need_count('successful', false)
-  if err then return err end
-  local f, err2 = need_count('failed', false)
-  if err2 then return err2 end
-  s, f = s or 0, f or 0
-  new.successful, new.failed = new.successful + s, new.failed + f
-  new.processed = new.processed + s + f
-elseif op == 'set' then
-  local given = false
-  for _, name in ipairs({'total', 'processed', 'successful', 'failed'}) do
-    local n, err = need_count(name, false)
-    if err then return err end
-    if n ~= nil then new[name] = n; given = true end
-  end
-  if args.processed == nil and (args.successful ~= nil or args.failed ~= nil) then
-    new.processed = new.successful + new.failed
-  end
-  if args.status ~= nil then
-    if not STATUS[args.status] then return bad('unknown status ' .. args.status) end
-    new.status = args.status
-    explicit_status = true
-    given = true
-  end
-  if not given then return bad('set needs at least one of total, processed, successful, failed, status') end
-elseif op == 'finish' then
-  if not TERMINAL[args.status or ''] then
-    return bad('finish status must be completed, failed or cancelled')
-  end
-  new.status = args.status
-  explicit_status = true
-else
-  return bad('unknown op ' .. tostring(op))
-end
-
-if outcomes then
-  read_outcomes()
   for i = 1, #ids do
-    local n = nums[i]
-    if n then count_outcome(n, n, oks[i]) else count_outcome(ids[i], nil, oks[i]) end
+    local key, ok = keys[i], oks[i]
+    local prev = state[key]
+    if prev ~= ok then
+      count(prev, ok)
+      if prev == nil and type(key) == 'number' and fits(key) then in_bitmap[key] = true end
+      if not is_touched[key] then is_touched[key] = true; touched[#touched + 1] = key end
+      state[key] = ok
+    end
   end
-end
 
--- outcomes whose stored value really changes (a flip and its flip back in one call do not)
-local item_changes = {}
-for _, key in ipairs(touched) do
-  if state[key] ~= orig[key] then item_changes[#item_changes + 1] = key end
+  -- plan the writes of the outcomes that really change (a flip and its flip back do not)
+  local seen_set, failed_set, pairs_out = {}, {}, {}
+  for _, key in ipairs(touched) do
+    if state[key] ~= orig[key] then
+      item_changed = true
+      if in_bitmap[key] then
+        if orig[key] == nil then seen_set[#seen_set + 1] = key end
+        if state[key] == '0' or orig[key] == '0' then failed_set[#failed_set + 1] = key end
+      else
+        field(pairs_out, key); pairs_out[#pairs_out + 1] = state[key]
+        if type(key) == 'number' then new_aux = bit.bor(new_aux, AUX_HASH_NUMBERS) end
+      end
+    end
+  end
+  if #pairs_out > 0 then new_aux = bit.bor(new_aux, AUX_ITEMS) end
+  if #seen_set > 0 then new_aux = bit.bor(new_aux, AUX_SEEN) end
+  if #failed_set > 0 then new_aux = bit.bor(new_aux, AUX_FAILED) end
+
+  -- a window: the changed bytes as one patch per bitmap
+  local function patch(window, list, value)
+    local mod, first, last = {}, nil, nil
+    for _, n in ipairs(list) do
+      local i, m = math.floor(n / 8) - window_lo + 1, bit.rshift(128, n % 8)
+      local b = mod[i] or string.byte(window, i) or 0
+      if value(n) == 1 then b = bit.bor(b, m) else b = bit.band(b, bit.bnot(m)) end
+      mod[i] = b
+      if first == nil or i < first then first = i end
+      if last == nil or i > last then last = i end
+    end
+    local out, part = {}, {}
+    for i = first, last do
+      part[#part + 1] = mod[i] or string.byte(window, i) or 0
+      if #part == 4000 then out[#out + 1] = string.char(unpack(part)); part = {} end
+    end
+    if #part > 0 then out[#out + 1] = string.char(unpack(part)) end
+    return window_lo + first - 1, table.concat(out)
+  end
+  local function one() return 1 end
+  local function failed_value(n) if state[n] == '0' then return 1 end return 0 end
+  local by_bit = not window_lo
+  if not by_bit then
+    if #seen_set > 0 then seen_off, seen_bytes = patch(seen_window, seen_set, one) end
+    if #failed_set > 0 then
+      failed_off, failed_bytes = patch(failed_window, failed_set, failed_value)
+    end
+  end
+  if #pairs_out > 0 or (by_bit and (#seen_set > 0 or #failed_set > 0)) then
+    write_items = function()
+      for first = 1, #pairs_out, 2 * CHUNK do
+        redis.call('HSET', KEYS[2], unpack(pairs_out, first, math.min(first + 2 * CHUNK - 1, #pairs_out)))
+      end
+      if by_bit then
+        chunked('BITFIELD', KEYS[5], {}, seen_set, function(a, n)
+          a[#a + 1] = 'SET'; a[#a + 1] = 'u1'; a[#a + 1] = n; a[#a + 1] = 1
+        end)
+        chunked('BITFIELD', KEYS[6], {}, failed_set, function(a, n)
+          a[#a + 1] = 'SET'; a[#a + 1] = 'u1'; a[#a + 1] = n; a[#a + 1] = failed_value(n)
+        end)
+      end
+    end
+  end
+else
+  local args = {}
+  for i = 7, #ARGV, 2 do args[ARGV[i]] = ARGV[i + 1] end
+  -- nil when absent, else the number (or an error reply)
+  local function need_count(name, required)
+    local s = args[name]
+    if s == nil and not required then return nil, nil end
+    if s == nil or s == '' or #s > 16 or string.find(s, '%D') or tonumber(s) > MAX then
+      return nil, redis.error_reply(BAD .. name .. ' must be an integer between 0 and ' .. string.format('%.0f', MAX))
+    end
+    return tonumber(s), nil
+  end
+  if op == 'start' then
+    local n, err = need_count('total', true)
+    if err then return err end
+    total = n
+    if args.label ~= nil then
+      if #args.label > 200 and select(2, string.gsub(args.label, '[^\128-\191]', '')) > 200 then
+        return redis.error_reply(BAD .. 'label must be at most 200 characters')
+      end
+      if args.label == '' then label = false else label = args.label end
+    end
+  elseif op == 'incr' then
+    local s, err = need_count('successful', false)
+    if err then return err end
+    local f, err2 = need_count('failed', false)
+    if err2 then return err2 end
+    s, f = s or 0, f or 0
+    successful, failed, processed = successful + s, failed + f, processed + s + f
+  elseif op == 'set' then
+    local given = false
+    local values = {}
+    for _, name in ipairs({'total', 'processed', 'successful', 'failed'}) do
+      local n, err = need_count(name, false)
+      if err then return err end
+      if n ~= nil then values[name] = n; given = true end
+    end
+    total = values.total or total
+    processed = values.processed or processed
+    successful = values.successful or successful
+    failed = values.failed or failed
+    if args.processed == nil and (args.successful ~= nil or args.failed ~= nil) then
+      processed = successful + failed
+    end
+    local s = args.status
+    if s ~= nil then
+      if s ~= 'pending' and s ~= 'processing' and s ~= 'completed' and s ~= 'failed'
+          and s ~= 'cancelled' then
+        return redis.error_reply(BAD .. 'unknown status ' .. s)
+      end
+      status, explicit_status, given = s, true, true
+    end
+    if not given then
+      return redis.error_reply(BAD .. 'set needs at least one of total, processed, successful, failed, status')
+    end
+  elseif op == 'finish' then
+    local s = args.status
+    if s ~= 'completed' and s ~= 'failed' and s ~= 'cancelled' then
+      return redis.error_reply(BAD .. 'finish status must be completed, failed or cancelled')
+    end
+    status, explicit_status = s, true
+  else
+    return redis.error_reply(BAD .. 'unknown op ' .. tostring(op))
+  end
 end
 
 -- item, incr and set (successful + failed) can all push a counter past MAX
-for _, name in ipairs({'total', 'processed', 'successful', 'failed'}) do
-  if new[name] > MAX then return bad('counter overflow') end
+if total > MAX or processed > MAX or successful > MAX or failed > MAX then
+  return redis.error_reply(BAD .. 'counter overflow')
 end
 
 -- automatic transitions; terminal statuses only change when a status is given explicitly
-if not explicit_status and not TERMINAL[new.status] then
-  if new.status == 'pending' and new.processed > 0 then new.status = 'processing' end
-  if new.total > 0 and new.processed >= new.total then new.status = 'completed' end
+local terminal = status == 'completed' or status == 'failed' or status == 'cancelled'
+if not explicit_status and not terminal then
+  if status == 'pending' and processed > 0 then status = 'processing' end
+  if total > 0 and processed >= total then status, terminal = 'completed', true end
 end
 
-local changed = not exists or #item_changes > 0
-for _, name in ipairs({'status', 'total', 'processed', 'successful', 'failed', 'label'}) do
-  if new[name] ~= old[name] then changed = true end
+local seq, started_at, updated_at = cur[7], cur[8], cur[10]
+local changed = not exists or item_changed or status ~= o_status or total ~= o_total
+  or processed ~= o_processed or successful ~= o_successful or failed ~= o_failed
+  or label ~= o_label
+local now = 0
+if changed then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  seq = string.format('%.0f', (tonumber(seq) or 0) + 1)
+  updated_at = string.format('%.0f', now)
+  started_at = started_at or updated_at
 end
+local fields = {'v', '1', 'batch_id', batch_id, 'user_id', user_id, 'status', status,
+  'total', string.format('%.0f', total), 'processed', string.format('%.0f', processed),
+  'successful', string.format('%.0f', successful), 'failed', string.format('%.0f', failed),
+  'seq', seq, 'started_at', started_at, 'updated_at', updated_at}
+if label then fields[#fields + 1] = 'label'; fields[#fields + 1] = label end
+if not changed then return fields end
 
-local function num(n) return string.format('%.0f', n) end
-
-local function state_fields(seq, started_at, updated_at)
-  local out = {'v', '1', 'batch_id', batch_id, 'user_id', user_id, 'status', new.status,
-    'total', num(new.total), 'processed', num(new.processed), 'successful', num(new.successful),
-    'failed', num(new.failed), 'seq', seq, 'started_at', started_at, 'updated_at', updated_at}
-  if new.label then out[#out + 1] = 'label'; out[#out + 1] = new.label end
-  return out
-end
-
-if not changed then return state_fields(cur[7], cur[8], cur[10]) end
-
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local seq = num((tonumber(cur[7]) or 0) + 1)
-local started_at = cur[8] or num(now)
-local fields = state_fields(seq, started_at, num(now))
-
--- which writes this change needs
+-- the keys' expiry moves when it matters: later by more than the slack, or earlier
 local ttl = active_ms
-if TERMINAL[new.status] then ttl = finished_ms end
+if terminal then ttl = finished_ms end
 local want = now + ttl
-local slack = math.min(SLACK_MS, math.floor(ttl / 16))
-local refresh = expires_at == nil or want < expires_at or want > expires_at + slack
+local refresh = expires_at == nil or want < expires_at
+  or want > expires_at + math.min(SLACK_MS, math.floor(ttl / 16))
 if refresh then expires_at = want end
+local drop_label = o_label and not label
 
-local hash_writes, seen_writes, failed_writes = {}, {}, {}
-for _, key in ipairs(item_changes) do
-  if place[key] == 'bitmap' then
-    if orig[key] == nil then seen_writes[#seen_writes + 1] = key end
-    if state[key] == '0' or orig[key] == '0' then failed_writes[#failed_writes + 1] = key end
-  else
-    hash_writes[#hash_writes + 1] = key
+-- reads before any write: keys created now (their expiry, full-size bitmaps), the index
+local new_keys, absent_seen, absent_failed = nil, false, false
+if new_aux ~= aux then
+  if bit.band(new_aux, AUX_SEEN) ~= 0 and bit.band(aux, AUX_SEEN) == 0 then
+    absent_seen = redis.call('EXISTS', KEYS[5]) == 0
+  end
+  if bit.band(new_aux, AUX_FAILED) ~= 0 and bit.band(aux, AUX_FAILED) == 0 then
+    absent_failed = redis.call('EXISTS', KEYS[6]) == 0
+  end
+  if not refresh then
+    new_keys = {}
+    if bit.band(new_aux, AUX_ITEMS) ~= 0 and bit.band(aux, AUX_ITEMS) == 0 then new_keys[#new_keys + 1] = KEYS[2] end
+    if bit.band(new_aux, AUX_SEEN) ~= 0 and bit.band(aux, AUX_SEEN) == 0 then new_keys[#new_keys + 1] = KEYS[5] end
+    if bit.band(new_aux, AUX_FAILED) ~= 0 and bit.band(aux, AUX_FAILED) == 0 then new_keys[#new_keys + 1] = KEYS[6] end
+    if #new_keys == 0 then new_keys = nil end
   end
 end
-local new_aux = aux
-if #hash_writes > 0 then new_aux = bit.bor(new_aux, AUX_ITEMS) end
-if #seen_writes > 0 then new_aux = bit.bor(new_aux, AUX_SEEN) end
-if #failed_writes > 0 then new_aux = bit.bor(new_aux, AUX_FAILED) end
--- keys created by this change get the batch's expiry even when it does not move
-local aux_new_keys = {}
-if not refresh then
-  for flag, key in pairs({[AUX_ITEMS] = KEYS[2], [AUX_SEEN] = KEYS[5], [AUX_FAILED] = KEYS[6]}) do
-    if bit.band(new_aux, flag) ~= 0 and bit.band(aux, flag) == 0 then
-      aux_new_keys[#aux_new_keys + 1] = key
-    end
-  end
-end
-local drop_label = not new.label and old.label
-
 local index_expires_at = nil
 if refresh then
   -- the index lives as long as its longest-lived batch: the largest score once ours is set
-  -- (callers may use other ttls than ours). Read before any write.
+  -- (callers may use other ttls than ours)
   index_expires_at = expires_at
   local top = redis.call('ZRANGE', KEYS[3], -2, -1, 'WITHSCORES')
   for i = 1, #top, 2 do
@@ -378,81 +477,67 @@ if refresh then
     if top[i] ~= batch_id and score > index_expires_at then index_expires_at = score end
   end
 end
+local presize = (absent_seen or absent_failed) and total >= 1
 
--- probes: each write command that may be refused, called so that it changes nothing
-if refresh or #aux_new_keys > 0 then redis.call('PEXPIREAT', KEYS[1], 1, 'GT') end
-if refresh then
-  redis.call('ZADD', KEYS[3], 'XX', 'GT', '-inf', batch_id)
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], 1, 0)
-end
-if drop_label then redis.call('HDEL', KEYS[1], '') end
-if (#seen_writes > 0 or #failed_writes > 0) and (window or absent[KEYS[5]] or absent[KEYS[6]]) then
-  redis.call('SETRANGE', KEYS[5], 0, '')
-end
-if exists then
-  redis.call('HSET', KEYS[1], 'v', '1') -- it holds v = 1 already; XADD goes first below
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', maxlen, '*', unpack(fields))
-else
-  -- the batch hash does not exist: XADD NOMKSTREAM on it adds nothing (WRONGTYPE: a stray
-  -- field-less hash, also harmless); a refusal raises. HSET goes first, XADD last below.
-  local probe = redis.pcall('XADD', KEYS[1], 'NOMKSTREAM', '*', 'v', '1')
-  if type(probe) == 'table' and probe.err and not string.find(probe.err, 'WRONGTYPE', 1, true) then
-    return redis.error_reply(probe.err)
+-- permissions: every write command this change runs, checked before the first write (an ACL
+-- refusal in the middle would leave a partial write). Redis >= 7.0; older servers skip this.
+local check = redis.acl_check_cmd
+if check then
+  local function denied(cmd, key)
+    return redis.error_reply('NOPERM this user has no permissions to run the \'' .. cmd
+      .. '\' command on ' .. key .. ' (the emit script needs it)')
+  end
+  if not check('HSET', KEYS[1], 'v', '1') then return denied('hset', KEYS[1]) end
+  if not check('XADD', KEYS[4], '*', 'v', '1') then return denied('xadd', KEYS[4]) end
+  if drop_label and not check('HDEL', KEYS[1], 'label') then return denied('hdel', KEYS[1]) end
+  if (hash_f or write_items) and not check('HSET', KEYS[2], 'v', '1') then
+    return denied('hset', KEYS[2])
+  end
+  for i = 5, 6 do
+    if seen_off or failed_off or presize then
+      if not check('SETRANGE', KEYS[i], '0', '') then return denied('setrange', KEYS[i]) end
+    end
+    if write_items and not check('BITFIELD', KEYS[i], 'SET', 'u1', '0', '1') then
+      return denied('bitfield', KEYS[i])
+    end
+  end
+  if refresh or new_keys then
+    for _, i in ipairs({1, 2, 3, 5, 6}) do
+      if not check('PEXPIREAT', KEYS[i], '1') then return denied('pexpireat', KEYS[i]) end
+    end
+  end
+  if refresh then
+    if not check('ZADD', KEYS[3], '1', 'm') then return denied('zadd', KEYS[3]) end
+    if not check('ZREMRANGEBYSCORE', KEYS[3], '0', '1') then
+      return denied('zremrangebyscore', KEYS[3])
+    end
   end
 end
 
 -- writes
-local hidden = {'expires_at', num(expires_at), 'bitmap_items', num(bitmap_items),
-  'hash_numbers', num(hash_numbers), 'aux_keys', num(new_aux)}
-if bitmap_items == old_bitmap_items and hash_numbers == old_hash_numbers and new_aux == aux
-    and not refresh then
-  hidden = {}
+if exists then -- only what can have changed
+  redis.call('HSET', KEYS[1], 'status', status, 'processed', fields[12], 'successful', fields[14],
+    'failed', fields[16], 'seq', seq, 'updated_at', updated_at)
+  if total ~= o_total then redis.call('HSET', KEYS[1], 'total', fields[10]) end
+  if label and label ~= o_label then redis.call('HSET', KEYS[1], 'label', label) end
+else
+  redis.call('HSET', KEYS[1], unpack(fields))
 end
-local hset = {KEYS[1]}
-for _, v in ipairs(fields) do hset[#hset + 1] = v end
-for _, v in ipairs(hidden) do hset[#hset + 1] = v end
-redis.call('HSET', unpack(hset))
+if refresh or new_aux ~= aux then
+  redis.call('HSET', KEYS[1], 'expires_at', string.format('%.0f', expires_at), 'aux_keys', new_aux)
+end
 if drop_label then redis.call('HDEL', KEYS[1], 'label') end
-if #hash_writes > 0 then
-  chunked('HSET', KEYS[2], {}, hash_writes, function(a, k)
-    a[#a + 1] = type(k) == 'number' and string.format('%d', k) or k; a[#a + 1] = state[k]
-  end)
+if hash_f then redis.call('HSET', KEYS[2], hash_f, hash_v) end
+-- a new bitmap is created at its full size when the batch's total is known (ids 0..total):
+-- growing it bit by bit would leave up to 1 MiB of Redis's string headroom in each
+if presize then
+  local last = math.floor(math.min(total, FLOOR - 1) / 8)
+  if absent_seen then redis.call('SETRANGE', KEYS[5], last, '\0') end
+  if absent_failed then redis.call('SETRANGE', KEYS[6], last, '\0') end
 end
--- bitmap writes. A missing bitmap is first created at its full size when the batch's total is
--- known (ids 0..total, up to BITMAP_FLOOR): growing it bit by bit would leave up to 1 MiB of
--- Redis's string headroom in each.
-local function write_bitmap(key, bytes, changes, value)
-  if #changes == 0 then return end
-  if absent[key] and new.total >= 1 then
-    redis.call('SETRANGE', key, math.floor(math.min(new.total, BITMAP_FLOOR - 1) / 8), '\0')
-  end
-  if not window then
-    chunked('BITFIELD', key, {}, changes, function(a, n)
-      a[#a + 1] = 'SET'; a[#a + 1] = 'u1'; a[#a + 1] = n; a[#a + 1] = value(n)
-    end)
-    return
-  end
-  local mod, first, last = {}, nil, nil
-  for _, n in ipairs(changes) do
-    local i = math.floor(n / 8) - window.lo + 1
-    local b = mod[i] or string.byte(bytes, i) or 0
-    local mask = bit.rshift(128, n % 8)
-    if value(n) == 1 then b = bit.bor(b, mask) else b = bit.band(b, bit.bnot(mask)) end
-    mod[i] = b
-    if first == nil or i < first then first = i end
-    if last == nil or i > last then last = i end
-  end
-  local out, part = {}, {}
-  for i = first, last do
-    part[#part + 1] = mod[i] or string.byte(bytes, i) or 0
-    if #part == 4000 then out[#out + 1] = string.char(unpack(part)); part = {} end
-  end
-  if #part > 0 then out[#out + 1] = string.char(unpack(part)) end
-  redis.call('SETRANGE', key, window.lo + first - 1, table.concat(out))
-end
-write_bitmap(KEYS[5], window and window.seen, seen_writes, function() return 1 end)
-write_bitmap(KEYS[6], window and window.failed, failed_writes,
-  function(n) return state[n] == '0' and 1 or 0 end)
+if seen_off then redis.call('SETRANGE', KEYS[5], seen_off, seen_bytes) end
+if failed_off then redis.call('SETRANGE', KEYS[6], failed_off, failed_bytes) end
+if write_items then write_items() end
 if refresh then
   for _, key in ipairs({KEYS[1], KEYS[2], KEYS[5], KEYS[6]}) do
     redis.call('PEXPIREAT', key, expires_at) -- a missing key: a no-op
@@ -460,8 +545,8 @@ if refresh then
   redis.call('ZADD', KEYS[3], expires_at, batch_id)
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
   redis.call('PEXPIREAT', KEYS[3], index_expires_at)
-else
-  for _, key in ipairs(aux_new_keys) do redis.call('PEXPIREAT', key, expires_at) end
+elseif new_keys then
+  for _, key in ipairs(new_keys) do redis.call('PEXPIREAT', key, expires_at) end
 end
-if not exists then redis.call('XADD', KEYS[4], 'MAXLEN', '~', maxlen, '*', unpack(fields)) end
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', maxlen, '*', unpack(fields))
 return fields
