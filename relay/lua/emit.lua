@@ -433,9 +433,12 @@ if changed then
   updated_at = string.format('%.0f', now)
   started_at = started_at or updated_at
 end
+-- numbers as text: the stored text when unchanged (formatting costs)
 local fields = {'v', '1', 'batch_id', batch_id, 'user_id', user_id, 'status', status,
-  'total', string.format('%.0f', total), 'processed', string.format('%.0f', processed),
-  'successful', string.format('%.0f', successful), 'failed', string.format('%.0f', failed),
+  'total', total == o_total and cur[3] or string.format('%.0f', total),
+  'processed', processed == o_processed and cur[4] or string.format('%.0f', processed),
+  'successful', successful == o_successful and cur[5] or string.format('%.0f', successful),
+  'failed', failed == o_failed and cur[6] or string.format('%.0f', failed),
   'seq', seq, 'started_at', started_at, 'updated_at', updated_at}
 if label then fields[#fields + 1] = 'label'; fields[#fields + 1] = label end
 if not changed then return fields end
@@ -483,34 +486,27 @@ local presize = (absent_seen or absent_failed) and total >= 1
 -- refusal in the middle would leave a partial write). Redis >= 7.0; older servers skip this.
 local check = redis.acl_check_cmd
 if check then
-  local function denied(cmd, key)
-    return redis.error_reply('NOPERM this user has no permissions to run the \'' .. cmd
-      .. '\' command on ' .. key .. ' (the emit script needs it)')
-  end
-  if not check('HSET', KEYS[1], 'v', '1') then return denied('hset', KEYS[1]) end
-  if not check('XADD', KEYS[4], '*', 'v', '1') then return denied('xadd', KEYS[4]) end
-  if drop_label and not check('HDEL', KEYS[1], 'label') then return denied('hdel', KEYS[1]) end
-  if (hash_f or write_items) and not check('HSET', KEYS[2], 'v', '1') then
-    return denied('hset', KEYS[2])
-  end
-  for i = 5, 6 do
-    if seen_off or failed_off or presize then
-      if not check('SETRANGE', KEYS[i], '0', '') then return denied('setrange', KEYS[i]) end
-    end
-    if write_items and not check('BITFIELD', KEYS[i], 'SET', 'u1', '0', '1') then
-      return denied('bitfield', KEYS[i])
-    end
-  end
-  if refresh or new_keys then
+  local items_written, bits_written = hash_f or write_items, seen_off or failed_off or presize
+  local missing = (not check('HSET', KEYS[1], 'v', '1') and 'hset ' .. KEYS[1])
+    or (not check('XADD', KEYS[4], '*', 'v', '1') and 'xadd ' .. KEYS[4])
+    or (drop_label and not check('HDEL', KEYS[1], 'label') and 'hdel ' .. KEYS[1])
+    or (items_written and not check('HSET', KEYS[2], 'v', '1') and 'hset ' .. KEYS[2])
+    or (bits_written and not check('SETRANGE', KEYS[5], '0', '') and 'setrange ' .. KEYS[5])
+    or (bits_written and not check('SETRANGE', KEYS[6], '0', '') and 'setrange ' .. KEYS[6])
+    or (write_items and not check('BITFIELD', KEYS[5], 'GET', 'u1', '0') and 'bitfield ' .. KEYS[5])
+    or (write_items and not check('BITFIELD', KEYS[6], 'GET', 'u1', '0') and 'bitfield ' .. KEYS[6])
+  if not missing and (refresh or new_keys) then
     for _, i in ipairs({1, 2, 3, 5, 6}) do
-      if not check('PEXPIREAT', KEYS[i], '1') then return denied('pexpireat', KEYS[i]) end
+      if not check('PEXPIREAT', KEYS[i], '1') then missing = 'pexpireat ' .. KEYS[i] end
+    end
+    if refresh then
+      missing = missing or (not check('ZADD', KEYS[3], '1', 'm') and 'zadd ' .. KEYS[3])
+        or (not check('ZREMRANGEBYSCORE', KEYS[3], '0', '1') and 'zremrangebyscore ' .. KEYS[3])
     end
   end
-  if refresh then
-    if not check('ZADD', KEYS[3], '1', 'm') then return denied('zadd', KEYS[3]) end
-    if not check('ZREMRANGEBYSCORE', KEYS[3], '0', '1') then
-      return denied('zremrangebyscore', KEYS[3])
-    end
+  if missing then
+    return redis.error_reply('NOPERM this user has no permissions to run the emit script\'s '
+      .. missing)
   end
 end
 
