@@ -5,9 +5,9 @@
 #
 # It does what a worker in any language does (docs/PROTOCOL.md, sections 1 and 2):
 #   1. SCRIPT LOAD the shipped relay/lua/emit.lua once, keep its SHA-1;
-#   2. EVALSHA it with 4 KEYS (batch hash, item hash, user index, stream: all with the batch's
-#      shard tag {PREFIX:SHARD}) and ARGV: op, batch_id, user_id, live TTL ms, terminal TTL ms,
-#      stream MAXLEN, then the op's name/value pairs.
+#   2. EVALSHA it with 6 KEYS (batch hash, item hash, user index, stream, seen and failed
+#      bitmaps: all with the batch's shard tag {PREFIX:SHARD}) and ARGV: op, batch_id, user_id,
+#      live TTL ms, terminal TTL ms, stream MAXLEN, then the op's name/value pairs.
 # Here: `start` (total ITEMS, a label), one `item` per row (the last one fails, ok 0), then
 # `finish status failed` because a row failed. Every change is one stream entry, which the
 # relay pushes to USER_ID's browsers.
@@ -49,8 +49,9 @@ TAG="{$PREFIX:$SHARD}"
 emit() {
   op=$1
   shift
-  reply=$("$REDIS_CLI" -u "$REDIS_URL" --no-raw EVALSHA "$SHA" 4 \
+  reply=$("$REDIS_CLI" -u "$REDIS_URL" --no-raw EVALSHA "$SHA" 6 \
     "$TAG:b:$BATCH" "$TAG:i:$BATCH" "$TAG:u:$OWNER" "$TAG:stream" \
+    "$TAG:seen:$BATCH" "$TAG:failed:$BATCH" \
     "$op" "$BATCH" "$OWNER" "$ACTIVE_MS" "$FINISHED_MS" "$MAXLEN" "$@")
   case $reply in
     "(error)"*) echo "$op: $reply" >&2; exit 1 ;;
