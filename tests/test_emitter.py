@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -502,13 +503,30 @@ async def test_ttls_move_only_when_they_matter(make_em: MakeEm) -> None:
     assert em.r.pexpiretime(index) == longest > short
 
 
-async def test_a_batch_written_by_the_old_script_gets_its_expiry(em: Em) -> None:
-    # the v1 script of 0.x kept no `expires_at`: its batches are refreshed on the next change
-    await em.run("item", "b1", USER, "a")
-    em.r.hdel(em.keys.batch("b1"), "expires_at")
+BASELINE_SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "baseline_emit.lua"
+
+
+async def test_a_batch_begun_by_the_previous_script_stays_exact(em: Em) -> None:
+    """Upgraded mid-batch: the previous script (bench/baseline_emit.lua, 4 keys, every id in the
+    item hash, no expires_at) wrote the first outcomes; the current one goes on exactly."""
+    old = em.r.register_script(BASELINE_SCRIPT.read_text())
+    keys = em.keys.op_keys("b1", USER)[:4]
+    for item_id, ok in [("7", "1"), ("12", "0"), ("x", "1")]:
+        old(
+            keys=keys,
+            args=["item", "b1", USER, "60000", "60000", "1000", "item_id", item_id, "ok", ok],
+        )
     em.r.persist(em.keys.batch("b1"))
-    await em.run("item", "b1", USER, "b")
-    assert 0 < em.r.pttl(em.keys.batch("b1")) <= 86_400_000
+    before = await em.run("get", "b1")
+    assert (before.processed, before.successful, before.failed) == (3, 2, 1)
+    assert await em.run("item", "b1", USER, "7") == before  # a repeat, found in the hash
+    state = await em.run("items", "b1", USER, [("12", True), ("13", False), ("7", True)])
+    assert (state.processed, state.successful, state.failed) == (4, 3, 1)
+    assert em.r.hgetall(em.keys.items("b1")) == {b"7": b"1", b"12": b"1", b"x": b"1"}
+    assert _bit(em.r.get(em.keys.failed("b1")), 13) == 1
+    state = await em.run("item", "b1", USER, "12", ok=False)
+    assert (state.processed, state.successful, state.failed) == (4, 2, 2)
+    assert 0 < em.r.pttl(em.keys.batch("b1")) <= 86_400_000  # its keys get an expiry again
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ local CHUNK = 1000 -- ids per Redis call (keeps unpack() far below Lua's stack l
 -- key TTLs are refreshed only when the expiry would move later by more than this (or earlier)
 local SLACK_MS = 60000
 -- flags in the batch hash's hidden `aux_keys` field: optional keys that exist (and carry the
--- batch's expiry), and whether the hash holds numbered ids
+-- batch's expiry), and whether the item hash may hold numbered ids
 local AUX_ITEMS, AUX_SEEN, AUX_FAILED, AUX_HASH_NUMBERS = 1, 2, 4, 8
 
 if #KEYS ~= 6 then
@@ -75,7 +75,11 @@ local successful, failed = tonumber(cur[5]) or 0, tonumber(cur[6]) or 0
 local o_status, o_label, o_total, o_processed, o_successful, o_failed =
   status, label, total, processed, successful, failed
 local expires_at, aux = nil, 0
-if exists then expires_at, aux = tonumber(cur[11]), tonumber(cur[12]) or 0 end
+if exists then
+  -- no aux_keys: written by the script before bitmaps existed, whose item hash may hold
+  -- numbered ids (they stay there)
+  expires_at, aux = tonumber(cur[11]), tonumber(cur[12]) or AUX_ITEMS + AUX_HASH_NUMBERS
+end
 local new_aux = aux
 local explicit_status = false
 local item_changed = false -- some item's stored outcome changes
@@ -107,7 +111,7 @@ if op == 'item' then
       in_bitmap = true
       failed_byte = string.byte(redis.call('GETRANGE', KEYS[6], at, at)) or 0
       if bit.band(failed_byte, mask) ~= 0 then prev = '0' else prev = '1' end
-    elseif n >= FLOOR and bit.band(aux, AUX_HASH_NUMBERS) ~= 0 then
+    elseif bit.band(aux, AUX_HASH_NUMBERS) ~= 0 then
       prev = redis.call('HGET', KEYS[2], id) or nil
     end
   else
@@ -225,7 +229,7 @@ elseif op == 'items' then
   local window_lo, seen_window, failed_window = nil, nil, nil
   local in_hash = strings
   if #numbers > 0 then
-    local outside = {} -- numbers >= FLOOR not in the bitmaps: maybe in the hash
+    local outside = {} -- numbers not in the bitmaps: maybe in the hash
     if hi - lo < 16 * #numbers + 64 and hi - lo < 262144 then
       window_lo = math.floor(lo / 8)
       seen_window = redis.call('GETRANGE', KEYS[5], window_lo, math.floor(hi / 8))
@@ -235,7 +239,7 @@ elseif op == 'items' then
         if bit.band(string.byte(seen_window, i) or 0, m) ~= 0 then
           in_bitmap[n] = true
           if bit.band(string.byte(failed_window, i) or 0, m) ~= 0 then orig[n] = '0' else orig[n] = '1' end
-        elseif n >= FLOOR then
+        else
           outside[#outside + 1] = n
         end
       end
@@ -244,8 +248,7 @@ elseif op == 'items' then
       local bits = chunked('BITFIELD', KEYS[5], {}, numbers, get_bit)
       local set_numbers = {}
       for i, n in ipairs(numbers) do
-        if bits[i] == 1 then set_numbers[#set_numbers + 1] = n
-        elseif n >= FLOOR then outside[#outside + 1] = n end
+        if bits[i] == 1 then set_numbers[#set_numbers + 1] = n else outside[#outside + 1] = n end
       end
       if #set_numbers > 0 then
         local fbits = chunked('BITFIELD', KEYS[6], {}, set_numbers, get_bit)
