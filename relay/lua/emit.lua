@@ -89,6 +89,8 @@ local item_changed = false -- some item's stored outcome changes
 local hash_f, hash_v = nil, nil
 local seen_off, seen_bytes, failed_off, failed_bytes = nil, nil, nil, nil
 local write_items = nil -- items: the hash fields and BITFIELD bits, written in chunks
+local now = nil -- server time (ms), once read
+local early_write = false -- `item` wrote its outcome first (see there)
 
 if op == 'item' then
   local id, ok
@@ -115,7 +117,36 @@ if op == 'item' then
       prev = redis.call('HGET', KEYS[2], id) or nil
     end
   else
-    prev = redis.call('HGET', KEYS[2], id) or nil
+    -- A new id is the common case: write it first with HSETNX (one call instead of HGET and
+    -- HSET), when nothing after that write can fail: the batch and its item hash exist, no
+    -- counter is at its maximum, the keys' expiry will not move (so the change needs no index
+    -- or TTL command), and the user may run HSETNX, HSET and XADD here.
+    local early = exists and bit.band(aux, AUX_ITEMS) ~= 0 and processed < MAX
+      and successful < MAX and failed < MAX and expires_at ~= nil
+    if early then
+      local t = redis.call('TIME')
+      now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+      local done = status == 'completed' or status == 'failed' or status == 'cancelled'
+      local may_finish = done or (total > 0 and processed + 1 >= total)
+      for _, ttl in ipairs({active_ms, finished_ms}) do
+        if (ttl == active_ms and not done) or (ttl == finished_ms and may_finish) then
+          local want = now + ttl
+          if want < expires_at or want > expires_at + math.min(SLACK_MS, math.floor(ttl / 16)) then
+            early = false
+          end
+        end
+      end
+      local check = redis.acl_check_cmd
+      if early and check then
+        early = check('HSETNX', KEYS[2], 'v', '1') and check('HSET', KEYS[1], 'v', '1')
+          and check('XADD', KEYS[4], '*', 'v', '1')
+      end
+    end
+    if early and redis.call('HSETNX', KEYS[2], id, ok) == 1 then
+      early_write = true
+    else
+      prev = redis.call('HGET', KEYS[2], id) or nil
+    end
   end
   if prev ~= ok then
     -- as `count` in the items branch below
@@ -146,7 +177,7 @@ if op == 'item' then
         new_aux = bit.bor(new_aux, AUX_FAILED)
       end
     else
-      hash_f, hash_v = id, ok
+      if not early_write then hash_f, hash_v = id, ok end
       new_aux = bit.bor(new_aux, AUX_ITEMS)
       if n then new_aux = bit.bor(new_aux, AUX_HASH_NUMBERS) end
     end
@@ -428,10 +459,11 @@ local seq, started_at, updated_at = cur[7], cur[8], cur[10]
 local changed = not exists or item_changed or status ~= o_status or total ~= o_total
   or processed ~= o_processed or successful ~= o_successful or failed ~= o_failed
   or label ~= o_label
-local now = 0
-if changed then
+if changed and not now then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+if changed then
   seq = string.format('%.0f', (tonumber(seq) or 0) + 1)
   updated_at = string.format('%.0f', now)
   started_at = started_at or updated_at
@@ -488,7 +520,7 @@ local presize = (absent_seen or absent_failed) and total >= 1
 -- permissions: every write command this change runs, checked before the first write (an ACL
 -- refusal in the middle would leave a partial write). Redis >= 7.0; older servers skip this.
 local check = redis.acl_check_cmd
-if check then
+if check and not early_write then -- (an early write checked what it needs)
   local items_written, bits_written = hash_f or write_items, seen_off or failed_off or presize
   local missing = (not check('HSET', KEYS[1], 'v', '1') and 'hset ' .. KEYS[1])
     or (not check('XADD', KEYS[4], '*', 'v', '1') and 'xadd ' .. KEYS[4])
