@@ -6,7 +6,7 @@ One run, one Redis (a private redis-server unless --redis-url is given), these m
 
   - `XADD` of a 12-field entry like the script's: the stream append every change ends with;
   - the previous script (bench/baseline_emit.lua, relay/lua/emit.lua as of commit 6c708cf, kept
-    as a file so the comparison runs anywhere) and the current one, taking turns in 3 rounds
+    as a file so the comparison runs anywhere) and the current one, taking turns in 5 rounds
     (best round kept): `item` with free-form ids (`item-123456`), `item` with numbered ids, `set`;
   - `items` with numbered ids in calls of 1, 10, 100 and 500 outcomes (and 500 free-form);
   - the reporter: N numbered items (default 10,000,000) through `Emitter.reporter` from P worker
@@ -49,7 +49,7 @@ STREAM_MAXLEN = "100000"  # the emitter's default, so every measurement trims al
 TTL = ["86400000", "3600000", STREAM_MAXLEN]
 USER = "bench-user"
 CONNECTIONS = 4
-ROUNDS = 3  # previous and current script take turns
+ROUNDS = 5  # previous and current script take turns
 
 # goals of issue 11
 GOAL_ITEMS_500 = 500_000  # outcomes/s in calls of 500
@@ -352,6 +352,7 @@ def run(url: str, scale: float, reporter_items: int, reporter_procs: int) -> dic
         r["vs_xadd"] = round(r["items_s"] / xadd, 3)
     current, previous = rows["current: item, free-form ids"], rows["previous: item, free-form ids"]
     item_ratio = current["ops_s"] / previous["ops_s"]
+    cpu_ratio = previous["cpu_us_per_call"] / max(current["cpu_us_per_call"], 0.01)
     return {
         "redis_version": info.get("redis_version"),
         "scale": scale,
@@ -363,6 +364,7 @@ def run(url: str, scale: float, reporter_items: int, reporter_procs: int) -> dic
             "free_form_previous": round(old_free_bytes, 2),
         },
         "item_vs_previous": round(item_ratio, 2),
+        "item_cpu_vs_previous": round(cpu_ratio, 2),
         "goals": {
             "items_x500_per_s": [
                 rows["items x500, numbered ids"]["items_s"],
@@ -409,7 +411,10 @@ def report(f: dict[str, Any]) -> None:
         f"{b['free_form_previous']}), numbered {b['numbered']}; reporter batch "
         f"{rep['bytes']:,} bytes ({rep['bytes_per_item']} per item)"
     )
-    print(f"single item vs previous script: {f['item_vs_previous']}x")
+    print(
+        f"single item (free-form ids) vs previous script: {f['item_vs_previous']}x ops/s, "
+        f"{f['item_cpu_vs_previous']}x less Redis CPU per call"
+    )
     labels = {
         "items_x500_per_s": "items in calls of 500 >= 500,000/s",
         "reporter_10m_bytes": "10M numbered items <= 4 MB",
