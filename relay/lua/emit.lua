@@ -84,7 +84,7 @@ local new_aux = aux
 local explicit_status = false
 local item_changed = false -- some item's stored outcome changes
 
--- item writes, run after the probes: one hash field, byte patches of the bitmaps (offset,
+-- item writes, run after the permission checks: one hash field, byte patches of the bitmaps (offset,
 -- bytes), and for `items` a function writing the rest
 local hash_f, hash_v = nil, nil
 local seen_off, seen_bytes, failed_off, failed_bytes = nil, nil, nil, nil
