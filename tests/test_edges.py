@@ -41,6 +41,7 @@ from websockets.sync.client import connect as sync_connect
 
 from relay.auth import mint_token
 from relay.emitter import AsyncEmitter
+from relay.keys import KeySpace
 from relay.metrics import AUTH_FAILURE_REASONS, CLOSE_CODES, REJECT_REASONS
 from relay.server import Relay
 
@@ -280,13 +281,13 @@ async def test_snapshot_holds_the_most_recent_batches_first_up_to_the_cap(
 async def test_snapshot_reads_only_live_index_members(
     relay_factory: Factory, aredis: redis.asyncio.Redis, prefix: str
 ) -> None:
-    relay: Relay = await relay_factory()
     em = AsyncEmitter(aredis, prefix=prefix)
     live, gone = bid(), bid()
     await em.start(live, "eve", 1)
     await em.start(gone, "eve", 1)
-    index = relay.keys.user_index(relay.keys.shard_of(gone), "eve")
-    await aredis.zadd(index, {gone: 1})  # its expiry is long past (a stale member)
+    keys = KeySpace(prefix, 1)
+    await aredis.zadd(keys.user_index(0, "eve"), {gone: 1})  # expiry long past: a stale member
+    relay: Relay = await relay_factory()  # after the writes: no live frame of `gone` either
     ws = await open_client(relay, "eve")
     first = progress(await recv_json(ws))
     assert first is not None and first["batch_id"] == live
