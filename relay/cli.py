@@ -13,7 +13,7 @@ from typing import Any
 import redis
 
 from relay.config import HMAC_ALGORITHMS, Config, load_config, masked, require_verifier
-from relay.errors import ConfigError, EmitError
+from relay.errors import ConfigError, EmitError, describe
 
 EXIT_CONFIG = 2
 
@@ -152,7 +152,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     try:
         sync_client(cfg.redis).ping()
     except (redis.RedisError, OSError) as e:
-        print(f"redis: unreachable at {masked(cfg)['redis']['url']}: {e}", file=sys.stderr)
+        print(
+            f"redis: unreachable at {masked(cfg)['redis']['url']}: {describe(e)}", file=sys.stderr
+        )
         return 1
     print(f"redis: ok ({masked(cfg)['redis']['url']})")
     return 0

@@ -49,3 +49,16 @@ class AuthFailed(RelayError):
 
 class JwksError(RelayError):
     """A JWKS endpoint could not be read, or its answer holds no usable key."""
+
+
+def error_fields(e: BaseException) -> dict[str, str]:
+    """Log fields for an exception: its type and its message. redis-py 8's `repr` of a
+    connection error drops the reason (`network:ConnectionError`); `str` keeps it, e.g. the
+    certificate problem of a failed TLS handshake."""
+    return {"error_type": type(e).__name__, "error": str(e)}
+
+
+def describe(e: BaseException) -> str:
+    """One line for an exception: `Type: message`."""
+    text = str(e)
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__

@@ -32,7 +32,7 @@ from typing import Any, Final
 import redis
 import structlog
 
-from relay.errors import BadEntry
+from relay.errors import BadEntry, error_fields
 from relay.keys import KeySpace
 from relay.metrics import Metrics
 from relay.redis_client import REDIS_ERRORS, AsyncClient
@@ -166,7 +166,9 @@ class StreamReader:
                 if not isinstance(e, REDIS_ERRORS):
                     log.exception("reader_failed", shard=shard, retry_in_s=delay)
                 elif failures == 1 or failures % 20 == 0:
-                    log.warning("redis_read_failed", shard=shard, error=repr(e), retry_in_s=delay)
+                    log.warning(
+                        "redis_read_failed", shard=shard, retry_in_s=delay, **error_fields(e)
+                    )
                 await asyncio.sleep(delay)
 
     async def _stream_info(self, stream: str) -> StreamInfo | None:

@@ -26,7 +26,7 @@ from websockets.http11 import Request, Response
 from relay.auth import Claims, TokenVerifier
 from relay.config import Config
 from relay.core.fanout import FanOut
-from relay.errors import AuthFailed
+from relay.errors import AuthFailed, describe, error_fields
 from relay.keys import KeySpace
 from relay.metrics import CONTENT_TYPE, Metrics
 from relay.reader import BLOCK_MS, StreamReader
@@ -119,11 +119,7 @@ class Relay:
                     states = await self.read_snapshot(user_id)
                 except REDIS_ERRORS as e:
                     log.warning(
-                        "resync_failed",
-                        user_id=user_id,
-                        error=str(e),
-                        error_type=type(e).__name__,
-                        attempt=attempt,
+                        "resync_failed", user_id=user_id, attempt=attempt, **error_fields(e)
                     )
                     failed.append(user_id)
                     continue
@@ -333,7 +329,7 @@ class Relay:
             async with asyncio.timeout(READY_PING_TIMEOUT_S):
                 await self._redis.ping()
         except READY_ERRORS as e:
-            return False, f"redis unreachable: {type(e).__name__}: {e}"
+            return False, f"redis unreachable: {describe(e)}"
         if not self.reader.healthy:
             return False, "stream reader is not running"
         if self.verifier.jwks is not None and not self.verifier.jwks.loaded:

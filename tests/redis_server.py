@@ -8,7 +8,9 @@ import socket
 import subprocess
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -68,6 +70,36 @@ def _cluster_port() -> int:
     raise RuntimeError("no free port pair for a cluster node")
 
 
+@dataclass(frozen=True)
+class ServerTls:
+    """TLS-only serving: `port` speaks TLS, no plain-text port. `client_cert`/`client_key` are
+    what our own clients (readiness probe, client(), url) present; with `auth_clients` the
+    server requires a certificate signed by `ca`."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    auth_clients: bool = False
+
+    def args(self, port: int) -> list[str]:
+        return ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(self.cert),
+                "--tls-key-file", str(self.key), "--tls-ca-cert-file", str(self.ca),
+                "--tls-auth-clients", "yes" if self.auth_clients else "no"]  # fmt: skip
+
+    def client_kwargs(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"ssl": True, "ssl_ca_certs": str(self.ca)}
+        if self.client_cert is not None:
+            out |= {"ssl_certfile": str(self.client_cert), "ssl_keyfile": str(self.client_key)}
+        return out
+
+    def query(self) -> str:
+        """The rediss:// URL parameters our clients use."""
+        params = {k: v for k, v in self.client_kwargs().items() if k != "ssl"}
+        return urllib.parse.urlencode(params)
+
+
 class RedisServer:
     """One redis-server on 127.0.0.1. restart() keeps port and dir, so AOF data survives kill()."""
 
@@ -78,12 +110,14 @@ class RedisServer:
         appendonly: bool = False,
         dir: Path | None = None,
         extra_args: Sequence[str] = (),
+        tls: ServerTls | None = None,
     ) -> None:
         self._port = port if port is not None else free_port()
         self._own_dir = dir is None
         self.dir = Path(tempfile.mkdtemp(prefix="relay-redis-")) if dir is None else dir
         self.appendonly = appendonly
         self.extra_args = list(extra_args)
+        self.tls = tls
         self.log_path = self.dir / "redis.log"
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -93,6 +127,8 @@ class RedisServer:
 
     @property
     def url(self) -> str:
+        if self.tls is not None:
+            return f"rediss://127.0.0.1:{self._port}/0?{self.tls.query()}"
         return f"redis://127.0.0.1:{self._port}/0"
 
     @property
@@ -104,6 +140,8 @@ class RedisServer:
     ) -> redis.Redis:
         """A sync client; retries=0 fails fast instead of redis-py's default backoff retries."""
         extra: dict[str, Any] = {} if retries is None else {"retry": Retry(NoBackoff(), retries)}
+        if self.tls is not None:
+            extra |= self.tls.client_kwargs()
         return redis.Redis(
             host="127.0.0.1",
             port=self._port,
@@ -121,7 +159,10 @@ class RedisServer:
         if self.appendonly:
             args += ["--appendfsync", "always"]
         args += ["--dir", str(self.dir), "--daemonize", "no", "--protected-mode", "no"]
-        args += ["--logfile", "", *self.extra_args]
+        args += ["--logfile", ""]
+        if self.tls is not None:
+            args += self.tls.args(self._port)
+        args += self.extra_args
         self.dir.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:  # the child keeps its own copy of the fd
             self._proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import msgspec
@@ -109,3 +110,16 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> No
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached in time"
         await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def running_relay(
+    redis_url: str, prefix: str, **sections: dict[str, Any]
+) -> AsyncIterator[Relay]:
+    """A started in-process relay on `redis_url` (any Redis: TLS, ACL user, Sentinel...)."""
+    relay = Relay(make_config(redis_url, prefix, **sections))
+    await relay.start()
+    try:
+        yield relay
+    finally:
+        await relay.shutdown()
