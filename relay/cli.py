@@ -7,10 +7,9 @@ import asyncio
 import json
 import os
 import sys
+import urllib.parse
 from collections.abc import Iterable, Sequence
 from typing import Any
-
-import redis
 
 from relay.config import HMAC_ALGORITHMS, Config, load_config, masked, require_verifier
 from relay.errors import ConfigError, EmitError, describe
@@ -143,20 +142,49 @@ def _emit_items(
     return state
 
 
+async def _check_redis(cfg: Config, *, worker: bool) -> list[str]:
+    """The commands the relay (or, with `worker`, a worker) needs that the configured user may
+    not run. Raises when Redis cannot be reached."""
+    from relay import acl  # noqa: PLC0415
+    from relay.emitter import SCRIPT  # noqa: PLC0415
+    from relay.keys import KeySpace  # noqa: PLC0415
+    from relay.redis_client import async_client  # noqa: PLC0415
+
+    client = async_client(cfg.redis)
+    keys = KeySpace(cfg.redis.prefix, cfg.redis.shards)
+    try:
+        if worker:
+            return await acl.missing_worker_commands(client, keys, SCRIPT)
+        return await acl.missing_relay_commands(client, keys)
+    finally:
+        await client.aclose()
+
+
 def cmd_check(args: argparse.Namespace) -> int:
-    from relay.redis_client import sync_client  # noqa: PLC0415
+    from relay import acl  # noqa: PLC0415
+    from relay.emitter import SCRIPT  # noqa: PLC0415
 
     cfg = _config(args)
     print(json.dumps(masked(cfg), indent=2))
-    require_verifier(cfg)
+    if not args.worker:
+        require_verifier(cfg)
+    url = masked(cfg)["redis"]["url"]
     try:
-        sync_client(cfg.redis).ping()
-    except (redis.RedisError, OSError) as e:
+        missing = asyncio.run(_check_redis(cfg, worker=args.worker))
+    except Exception as e:  # unreachable, TLS, auth, cluster down: one line, no traceback
+        print(f"redis: unreachable at {url}: {describe(e)}", file=sys.stderr)
+        return 1
+    role = "worker" if args.worker else "relay"
+    needed = acl.worker_commands(SCRIPT) if args.worker else list(acl.RELAY_COMMANDS)
+    if missing:
+        user = urllib.parse.urlsplit(cfg.redis.url).username or "default"
         print(
-            f"redis: unreachable at {masked(cfg)['redis']['url']}: {describe(e)}", file=sys.stderr
+            f"redis: user {user!r} may not run what the {role} needs: {', '.join(missing)} "
+            f"(on keys {{{cfg.redis.prefix}:*); see docs/DEPLOYMENT.md, Least-privilege users",
+            file=sys.stderr,
         )
         return 1
-    print(f"redis: ok ({masked(cfg)['redis']['url']})")
+    print(f"redis: ok ({url}); the {role}'s commands are allowed: {' '.join(needed)}")
     return 0
 
 
@@ -230,7 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
             o.add_argument("--status", default="completed")
     emit.set_defaults(func=cmd_emit)
 
-    command("check", "validate the config and ping Redis").set_defaults(func=cmd_check)
+    check = command("check", "validate the config, ping Redis, check the user's permissions")
+    check.add_argument(
+        "--worker", action="store_true", help="check what a worker needs instead of the relay"
+    )
+    check.set_defaults(func=cmd_check)
     demo = command("demo", "everything on one machine: Redis, relay, workers, a live page")
     demo.add_argument("--port", type=int, default=8765, help="HTTP/WebSocket port (0: any)")
     demo.add_argument("--no-browser", action="store_true", help="accepted for compatibility")

@@ -35,7 +35,7 @@ import structlog
 from relay.errors import BadEntry, error_fields
 from relay.keys import KeySpace
 from relay.metrics import Metrics
-from relay.redis_client import REDIS_ERRORS, AsyncClient
+from relay.redis_client import REDIS_ERRORS, AsyncClient, denied
 from relay.wire import BatchState, state_from_fields
 
 log = structlog.get_logger("relay.reader")
@@ -106,6 +106,7 @@ class StreamReader:
         self._counted: dict[int, int] = {}  # stream additions up to last_ids[shard]
         self._healthy = [False] * keys.shards
         self._running = False
+        self._problems: list[str | None] = [None] * keys.shards  # a refused command, per shard
         self._logged: dict[str, float] = {}
         self.positioned = asyncio.Event()  # every shard knows where it starts reading
 
@@ -113,6 +114,11 @@ class StreamReader:
     def healthy(self) -> bool:
         """True while the reader runs and every shard's last call to Redis succeeded."""
         return self._running and all(self._healthy)
+
+    @property
+    def problem(self) -> str | None:
+        """A refused command (e.g. "redis permission denied: xinfo|stream"), or None."""
+        return next((p for p in self._problems if p is not None), None)
 
     async def run(self) -> None:
         """Read all shards until cancelled."""
@@ -135,10 +141,13 @@ class StreamReader:
                     await self._start_at_tail(shard, stream)
                 elif failures:
                     await self._check_position(shard, stream, after_outage=True)
-                self._healthy[shard] = True  # Redis answered: ready without waiting for XREAD
+                if self._problems[shard] is None:  # ready without waiting for XREAD's block
+                    self._healthy[shard] = True
                 reply: Any = await self._redis.xread(
                     {stream: self.last_ids[shard]}, count=COUNT, block=BLOCK_MS
                 )
+                self._healthy[shard] = True
+                self._problems[shard] = None
                 if failures:
                     log.info("redis_reconnected", shard=shard, after_failures=failures)
                 failures = 0
@@ -159,6 +168,8 @@ class StreamReader:
                 if task is not None and task.cancelling():  # redis-py turned our cancel
                     raise asyncio.CancelledError from e  # into a connection error
                 self._healthy[shard] = False
+                if isinstance(e, redis.exceptions.NoPermissionError):
+                    self._problems[shard] = f"redis permission denied: {denied(e)}"
                 failures += 1
                 self._metrics.redis_reconnects.inc()
                 delay = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** min(failures, 6))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 import redis
@@ -20,6 +21,19 @@ REDIS_ERRORS: tuple[type[Exception], ...] = (
     redis.exceptions.RedisClusterException,
     OSError,
 )
+
+_COMMAND_RE = re.compile(r"'([a-z|\-]+)' command", re.IGNORECASE)
+
+
+def denied(e: redis.exceptions.NoPermissionError) -> str:
+    """What a NOPERM error refused: the command (`xinfo|stream`), else the error's text
+    (`No permissions to access a key`)."""
+    text = str(e)
+    found = _COMMAND_RE.search(text)
+    if found:
+        return found.group(1).lower()
+    return text.removeprefix("NOPERM ").strip() or "a command"
+
 
 AsyncClient = redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster
 

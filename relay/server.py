@@ -18,11 +18,13 @@ from http import HTTPStatus
 from typing import Any, Final, TypeAlias
 from urllib.parse import parse_qs
 
+import redis
 import structlog
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
+from relay.acl import missing_relay_commands
 from relay.auth import Claims, TokenVerifier
 from relay.config import Config
 from relay.core.fanout import FanOut
@@ -30,7 +32,7 @@ from relay.errors import AuthFailed, describe, error_fields
 from relay.keys import KeySpace
 from relay.metrics import CONTENT_TYPE, Metrics
 from relay.reader import BLOCK_MS, StreamReader
-from relay.redis_client import REDIS_ERRORS, AsyncClient, async_client
+from relay.redis_client import REDIS_ERRORS, AsyncClient, async_client, denied
 from relay.session import (
     AUTH_MESSAGE_MAX_BYTES,
     SERVICE_RESTART,
@@ -83,6 +85,7 @@ class Relay:
         self._server: Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
+        self._denied: list[str] = []  # commands Redis refused us (ACL), until they pass again
         self._stopped = asyncio.Event()
         self.port = 0
 
@@ -118,6 +121,7 @@ class Relay:
                 try:
                     states = await self.read_snapshot(user_id)
                 except REDIS_ERRORS as e:
+                    self.redis_failed(e)
                     log.warning(
                         "resync_failed", user_id=user_id, attempt=attempt, **error_fields(e)
                     )
@@ -178,6 +182,7 @@ class Relay:
         self.spawn(self.reader.run())
         if self.verifier.jwks is not None:
             self.spawn(self.verifier.jwks.run())
+        self.spawn(self._check_permissions())
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(STARTUP_POSITION_TIMEOUT_S):
                 await self.reader.positioned.wait()
@@ -328,13 +333,37 @@ class Relay:
         try:
             async with asyncio.timeout(READY_PING_TIMEOUT_S):
                 await self._redis.ping()
+                if self._denied:  # a refused command was seen: is it still refused?
+                    self._denied = await missing_relay_commands(self._redis, self.keys)
+        except redis.exceptions.NoPermissionError as e:
+            return False, f"redis permission denied: {denied(e)}"
         except READY_ERRORS as e:
             return False, f"redis unreachable: {describe(e)}"
+        if self._denied:
+            return False, f"redis permission denied: {', '.join(self._denied)}"
         if not self.reader.healthy:
-            return False, "stream reader is not running"
+            return False, self.reader.problem or "stream reader is not running"
         if self.verifier.jwks is not None and not self.verifier.jwks.loaded:
             return False, "no JWKS key set loaded yet"
         return True, "ok"
+
+    def redis_failed(self, e: Exception) -> None:
+        """A snapshot or resync failed: remember a refused command for /readyz."""
+        if isinstance(e, redis.exceptions.NoPermissionError):
+            what = denied(e)
+            if what not in self._denied:
+                self._denied = [*self._denied, what]
+
+    async def _check_permissions(self) -> None:
+        """At start: say at once (log, /readyz) when the Redis user may not run a command the
+        relay needs, instead of when the first client's snapshot fails."""
+        try:
+            missing = await missing_relay_commands(self._redis, self.keys)
+        except REDIS_ERRORS:
+            return  # unreachable: /readyz says so; the reader keeps trying
+        if missing:
+            log.error("redis_permission_denied", missing=missing)
+            self._denied = missing
 
     # -- periodic work ----------------------------------------------------------------------------
 

@@ -167,6 +167,7 @@ class Session:
                 states = await self.relay.read_snapshot(claims.user_id)
             except REDIS_ERRORS as e:
                 log.warning("snapshot_failed", error=str(e), error_type=type(e).__name__)
+                self.relay.redis_failed(e)
                 await self._close_reading(TRY_AGAIN_LATER, "snapshot unavailable, retry later")
                 return
             await self.ws.send(encode(AuthSuccess(claims.user_id)), text=True)

@@ -5,6 +5,7 @@ Certificates are made in the test (tests/tls_certs.py); the server has no plain-
 
 from __future__ import annotations
 
+import asyncio
 import urllib.parse
 import uuid
 from collections.abc import Iterator
@@ -62,7 +63,7 @@ async def test_mutual_tls_check_serve_and_emit(
     url = tls.url()
     monkeypatch.setenv("RELAY_REDIS_URL", url)
     monkeypatch.setenv("RELAY_AUTH_SECRET", "x" * 32)
-    assert cli.main(["check"]) == 0
+    assert await asyncio.to_thread(cli.main, ["check"]) == 0
     assert "redis: ok" in capsys.readouterr().out
     client = redis.asyncio.Redis.from_url(url)
     try:
