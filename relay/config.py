@@ -46,6 +46,12 @@ class RedisConfig(_Section, frozen=True):
     )
     shards: Annotated[int, Meta(ge=1, le=1024)] = 1
     cluster: bool = False
+    # Sentinel: "host:port" of each sentinel; the master's address comes from them, `url` gives
+    # its credentials, database and TLS parameters.
+    sentinels: list[str] = msgspec.field(default_factory=list)
+    sentinel_service: Annotated[str, Meta(min_length=1)] = "mymaster"
+    sentinel_username: str = ""
+    sentinel_password: str = ""
 
 
 class ServerConfig(_Section, frozen=True):
@@ -190,6 +196,20 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError("retention.finished_s", "must not exceed retention.active_s")
     if not cfg.redis.url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError("redis.url", "must start with redis://, rediss:// or unix://")
+    if cfg.redis.sentinels:
+        if cfg.redis.cluster:
+            raise ConfigError("redis.sentinels", "cannot be used with redis.cluster = true")
+        for addr in cfg.redis.sentinels:
+            host_port(addr, "redis.sentinels")
+
+
+def host_port(addr: str, key: str) -> tuple[str, int]:
+    """ "host:port" (or "[v6]:port") -> (host, port); ConfigError naming `key` otherwise."""
+    host, sep, port = addr.strip().rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ConfigError(key, f"expected host:port, got {addr!r}")
+    return host, int(port)
 
 
 def _jwks_checks(auth: AuthConfig) -> None:
@@ -246,6 +266,8 @@ def masked(cfg: Config) -> dict[str, Any]:
     out: dict[str, Any] = msgspec.to_builtins(cfg)
     if out["auth"]["secret"]:
         out["auth"]["secret"] = "***"
+    if out["redis"]["sentinel_password"]:
+        out["redis"]["sentinel_password"] = "***"
     out["redis"]["url"] = mask_url(out["redis"]["url"])
     return out
 

@@ -10,10 +10,12 @@ import redis
 import redis.asyncio
 import redis.asyncio.cluster
 import redis.cluster
+import redis.connection
+import redis.sentinel
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from relay.config import RedisConfig
+from relay.config import RedisConfig, host_port
 
 # Everything a Redis outage can raise: cluster errors do not derive from RedisError.
 REDIS_ERRORS: tuple[type[Exception], ...] = (
@@ -63,6 +65,41 @@ class _AsyncCluster(redis.asyncio.cluster.RedisCluster):
 SyncClient = redis.Redis | redis.cluster.RedisCluster
 
 
+class _SentinelMaster(redis.asyncio.Redis):
+    """The master of a Sentinel service; closing it closes the sentinel connections too."""
+
+    sentinel_manager: Any = None  # redis.asyncio.Sentinel (untyped in redis-py)
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        if self.sentinel_manager is not None:
+            for client in self.sentinel_manager.sentinels:
+                await client.aclose()
+
+
+def _sentinel_args(
+    cfg: RedisConfig, opts: dict[str, Any]
+) -> tuple[list[tuple[str, int]], dict[str, Any], dict[str, Any]]:
+    """Sentinel addresses, the sentinels' connection options and the master's (from `url`:
+    credentials, database, TLS; its host and port are ignored)."""
+    master: dict[str, Any] = redis.connection.parse_url(cfg.url)  # type: ignore[no-untyped-call]
+    for key in ("host", "port", "path", "connection_class"):
+        master.pop(key, None)
+    sentinel_opts: dict[str, Any] = {
+        "socket_timeout": opts.get("socket_timeout") or 3.0,
+        "socket_connect_timeout": opts["socket_connect_timeout"],
+    }
+    if cfg.url.startswith("rediss://"):  # sentinels of a TLS deployment speak TLS too
+        master["ssl"] = True
+        sentinel_opts |= {k: v for k, v in master.items() if k.startswith("ssl")}
+    if cfg.sentinel_username:
+        sentinel_opts["username"] = cfg.sentinel_username
+    if cfg.sentinel_password:
+        sentinel_opts["password"] = cfg.sentinel_password
+    addrs = [host_port(a, "redis.sentinels") for a in cfg.sentinels]
+    return addrs, sentinel_opts, master | opts
+
+
 def async_client(
     cfg: RedisConfig, *, socket_timeout: float | None = 5.0, retries: bool = True
 ) -> AsyncClient:
@@ -77,6 +114,17 @@ def async_client(
         opts["retry"] = Retry(NoBackoff(), 0)
     if cfg.cluster:
         return _AsyncCluster.from_url(cfg.url, **opts)
+    if cfg.sentinels:
+        addrs, sentinel_opts, master_opts = _sentinel_args(cfg, opts)
+        sentinel = redis.asyncio.Sentinel(addrs, sentinel_kwargs=sentinel_opts)  # type: ignore[no-untyped-call]
+        client: _SentinelMaster = sentinel.master_for(
+            cfg.sentinel_service,
+            redis_class=_SentinelMaster,
+            health_check_interval=30,
+            **master_opts,
+        )
+        client.sentinel_manager = sentinel
+        return client
     return redis.asyncio.Redis.from_url(cfg.url, health_check_interval=30, **opts)
 
 
@@ -84,4 +132,9 @@ def sync_client(cfg: RedisConfig, *, socket_timeout: float = 5.0) -> SyncClient:
     opts: dict[str, Any] = {"socket_timeout": socket_timeout, "socket_connect_timeout": 3.0}
     if cfg.cluster:
         return redis.cluster.RedisCluster.from_url(cfg.url, **opts)
+    if cfg.sentinels:
+        addrs, sentinel_opts, master_opts = _sentinel_args(cfg, opts)
+        sentinel = redis.sentinel.Sentinel(addrs, sentinel_kwargs=sentinel_opts)  # type: ignore[no-untyped-call]
+        master: redis.Redis = sentinel.master_for(cfg.sentinel_service, **master_opts)  # type: ignore[no-untyped-call]
+        return master
     return redis.Redis.from_url(cfg.url, **opts)

@@ -291,3 +291,181 @@ class RedisCluster:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+class RedisSentinel:
+    """One sentinel (`redis-server CONF --sentinel`) on 127.0.0.1 monitoring `service`."""
+
+    def __init__(
+        self,
+        master_port: int,
+        *,
+        service: str = "mymaster",
+        quorum: int = 2,
+        down_after_ms: int = 1000,
+    ) -> None:
+        self.port = free_port()
+        self.service = service
+        self.dir = Path(tempfile.mkdtemp(prefix="relay-sentinel-"))
+        self.conf = self.dir / "sentinel.conf"
+        self.conf.write_text(
+            f"port {self.port}\nbind 127.0.0.1\nprotected-mode no\ndaemonize no\n"
+            f"dir {self.dir}\nlogfile {self.dir / 'sentinel.log'}\n"
+            f"sentinel monitor {service} 127.0.0.1 {master_port} {quorum}\n"
+            f"sentinel down-after-milliseconds {service} {down_after_ms}\n"
+            f"sentinel failover-timeout {service} 5000\n"
+            f"sentinel parallel-syncs {service} 1\n"
+        )
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def addr(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2.0)
+
+    def start(self) -> Self:
+        self._proc = subprocess.Popen(
+            [find_redis_server(), str(self.conf), "--sentinel"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + START_TIMEOUT
+        with self.client() as c:
+            while True:
+                try:
+                    c.ping()
+                    return self
+                except redis.ConnectionError:
+                    if time.monotonic() > deadline or self._proc.poll() is not None:
+                        self.stop()
+                        raise RuntimeError(
+                            f"sentinel on port {self.port} did not come up"
+                        ) from None
+                    time.sleep(0.02)
+
+    def master_addr(self) -> tuple[str, int] | None:
+        with self.client() as c:
+            addr = c.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
+        return (addr[0].decode(), int(addr[1])) if addr else None
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(STOP_TIMEOUT)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class SentinelGroup:
+    """1 master, 1 replica, 3 sentinels (quorum 2) on private ports."""
+
+    def __init__(self, service: str = "mymaster") -> None:
+        self.service = service
+        self.master = RedisServer()
+        self.replica = RedisServer()
+        self.sentinels: list[RedisSentinel] = []
+
+    @property
+    def servers(self) -> list[RedisServer]:
+        return [self.master, self.replica]
+
+    @property
+    def addrs(self) -> list[str]:
+        return [s.addr for s in self.sentinels]
+
+    def start(self) -> Self:
+        try:
+            self.master.start()
+            self.replica.extra_args += ["--replicaof", "127.0.0.1", str(self.master.port)]
+            self.replica.start()
+            self.wait_replicated(self.replica)
+            self.sentinels = [
+                RedisSentinel(self.master.port, service=self.service) for _ in range(3)
+            ]
+            for s in self.sentinels:
+                s.start()
+            self._wait_replica_known()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_replicated(self, replica: RedisServer) -> None:
+        deadline = time.monotonic() + CLUSTER_TIMEOUT
+        with replica.client() as c:
+            while c.info("replication").get("master_link_status") != "up":
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"replica {replica.port} did not sync")
+                time.sleep(0.05)
+
+    def _wait_replica_known(self) -> None:
+        """Every sentinel knows the replica and the other sentinels (a failover needs both)."""
+        deadline = time.monotonic() + CLUSTER_TIMEOUT
+        for s in self.sentinels:
+            with s.client() as c:
+                while True:
+                    info = c.sentinel_master(self.service)
+                    if int(info["num-slaves"]) >= 1 and int(info["num-other-sentinels"]) >= 2:
+                        break
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"sentinel {s.port} does not see the replica/peers")
+                    time.sleep(0.05)
+
+    def current_master(self) -> RedisServer:
+        addr = self.sentinels[0].master_addr()
+        return next(s for s in self.servers if addr is not None and s.port == addr[1])
+
+    def failover(self, *, kill: bool = False) -> RedisServer:
+        """SENTINEL FAILOVER (retried while the sentinel is not ready), or with `kill` a SIGKILL
+        of the master (the sentinels notice after down-after-milliseconds); the new master
+        once every sentinel names it."""
+        old = self.current_master()
+        deadline = time.monotonic() + CLUSTER_TIMEOUT
+        if kill:
+            old.kill()
+        with self.sentinels[0].client() as c:
+            while not kill:
+                try:
+                    c.execute_command("SENTINEL", "FAILOVER", self.service)
+                    break
+                except redis.ResponseError:  # NOGOODSLAVE / INPROG: not ready yet
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
+        while any(s.master_addr() == ("127.0.0.1", old.port) for s in self.sentinels):
+            if time.monotonic() > deadline:
+                raise RuntimeError("sentinels did not switch master")
+            time.sleep(0.05)
+        return self.current_master()
+
+    def wait_demoted(self, old: RedisServer) -> None:
+        """Until the old master (still running) is a replica of the new one, in sync. Until
+        then clients still connected to it write there, and those writes are lost: Sentinel's
+        asynchronous replication, not something a client can prevent."""
+        deadline = time.monotonic() + CLUSTER_TIMEOUT
+        with old.client() as c:
+            while c.info("replication").get("role") != "slave":
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"old master {old.port} was not turned into a replica")
+                time.sleep(0.05)
+        self.wait_replicated(old)
+
+    def stop(self) -> None:
+        for s in self.sentinels:
+            s.stop()
+        for server in self.servers:
+            server.stop()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
