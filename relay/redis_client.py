@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import re
-from typing import Any
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, TypeVar
 
 import redis
 import redis.asyncio
@@ -16,6 +18,28 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from relay.config import RedisConfig, host_port
+
+T = TypeVar("T")
+
+# TCP keepalive on every Redis connection (redis-py 5 leaves it off): a probe after 30 s idle,
+# then every 5 s, 3 unanswered probes close the connection. Keeps NAT and firewall mappings
+# alive and finds a peer that vanished without closing the connection.
+KEEPALIVE: Final[dict[str, Any]] = {
+    "socket_keepalive": True,
+    "socket_keepalive_options": {
+        opt: value
+        for name, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3))
+        if (opt := getattr(socket, name, None)) is not None
+    },
+}
+
+# A connection that may have been dropped while idle (load balancer, NAT): the errors after
+# which an idempotent read is worth one more try on a fresh connection.
+STALE_ERRORS: Final[tuple[type[Exception], ...]] = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    TimeoutError,
+)
 
 # Everything a Redis outage can raise: cluster errors do not derive from RedisError.
 REDIS_ERRORS: tuple[type[Exception], ...] = (
@@ -109,7 +133,11 @@ def async_client(
     it must see every connection loss itself, to check the stream for a reset or a gap before
     it reads on.
     """
-    opts: dict[str, Any] = {"socket_timeout": socket_timeout, "socket_connect_timeout": 3.0}
+    opts: dict[str, Any] = {
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": 3.0,
+        **KEEPALIVE,
+    }
     if not retries:
         opts["retry"] = Retry(NoBackoff(), 0)
     if cfg.cluster:
@@ -129,7 +157,11 @@ def async_client(
 
 
 def sync_client(cfg: RedisConfig, *, socket_timeout: float = 5.0) -> SyncClient:
-    opts: dict[str, Any] = {"socket_timeout": socket_timeout, "socket_connect_timeout": 3.0}
+    opts: dict[str, Any] = {
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": 3.0,
+        **KEEPALIVE,
+    }
     if cfg.cluster:
         return redis.cluster.RedisCluster.from_url(cfg.url, **opts)
     if cfg.sentinels:
@@ -138,3 +170,37 @@ def sync_client(cfg: RedisConfig, *, socket_timeout: float = 5.0) -> SyncClient:
         master: redis.Redis = sentinel.master_for(cfg.sentinel_service, **master_opts)  # type: ignore[no-untyped-call]
         return master
     return redis.Redis.from_url(cfg.url, **opts)
+
+
+async def drop_idle_connections(client: AsyncClient) -> None:
+    """Close the pooled connections nobody is using: after one turned out dead (dropped by a
+    proxy or a NAT while idle), the others that idled as long are likely dead too."""
+    if isinstance(client, redis.asyncio.cluster.RedisCluster):
+        for node in client.get_nodes():
+            await node.disconnect_free_connections()
+    else:
+        await client.connection_pool.disconnect(inuse_connections=False)
+
+
+async def read_twice(
+    client: AsyncClient,
+    read: Callable[[], Awaitable[T]],
+    *,
+    first_timeout_s: float | None = None,
+) -> T:
+    """An idempotent read, tried once more on a fresh connection when the first try fails
+    with a connection error or a timeout (`first_timeout_s` bounds the first try: a connection
+    a NAT silently dropped would otherwise wait for the whole socket timeout).
+
+    redis-py 8 does not do this by itself: a pooled connection that a proxy closed while it
+    idled fails the next command at once ("Connection closed by server"), and one a NAT
+    black-holed waits for the socket timeout, then fails.
+    """
+    try:
+        if first_timeout_s is None:
+            return await read()
+        async with asyncio.timeout(first_timeout_s):
+            return await read()
+    except STALE_ERRORS:
+        await drop_idle_connections(client)
+    return await read()

@@ -32,7 +32,7 @@ from relay.errors import AuthFailed, describe, error_fields
 from relay.keys import KeySpace
 from relay.metrics import CONTENT_TYPE, Metrics
 from relay.reader import BLOCK_MS, StreamReader
-from relay.redis_client import REDIS_ERRORS, AsyncClient, async_client, denied
+from relay.redis_client import REDIS_ERRORS, AsyncClient, async_client, denied, read_twice
 from relay.session import (
     AUTH_MESSAGE_MAX_BYTES,
     SERVICE_RESTART,
@@ -50,6 +50,8 @@ STARTUP_POSITION_TIMEOUT_S: Final = 3.0
 PRUNE_EVERY_S: Final = 60.0
 PRUNE_IDLE_MS: Final = 600_000.0  # batches quiet for 10 min leave per-connection memory
 READY_PING_TIMEOUT_S: Final = 1.0
+# A snapshot's first try on a pooled connection; a dead one is then replaced and tried again.
+SNAPSHOT_FIRST_TRY_S: Final = 2.0
 READY_ERRORS: Final[tuple[type[Exception], ...]] = (*REDIS_ERRORS, TimeoutError)
 RESYNC_ATTEMPTS: Final = 5
 
@@ -105,12 +107,16 @@ class Relay:
 
     async def read_snapshot(self, user_id: str) -> list[BatchState]:
         """The user's live batches, most recently updated first, at most snapshot_max_batches."""
-        return await read_snapshot(
+        return await read_twice(  # once more on a fresh connection if the pooled one is dead
             self._redis,
-            self.keys,
-            user_id,
-            limit=self.config.fanout.snapshot_max_batches,
-            now_ms=int(time.time() * 1000),
+            lambda: read_snapshot(
+                self._redis,
+                self.keys,
+                user_id,
+                limit=self.config.fanout.snapshot_max_batches,
+                now_ms=int(time.time() * 1000),
+            ),
+            first_timeout_s=SNAPSHOT_FIRST_TRY_S,
         )
 
     async def _resync(self) -> None:
@@ -332,7 +338,9 @@ class Relay:
             return False, "shutting down"
         try:
             async with asyncio.timeout(READY_PING_TIMEOUT_S):
-                await self._redis.ping()
+                await read_twice(
+                    self._redis, self._redis.ping, first_timeout_s=READY_PING_TIMEOUT_S / 2
+                )
                 if self._denied:  # a refused command was seen: is it still refused?
                     self._denied = await missing_relay_commands(self._redis, self.keys)
         except redis.exceptions.NoPermissionError as e:
