@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Final
@@ -46,6 +47,8 @@ class RedisConfig(_Section, frozen=True):
     )
     shards: Annotated[int, Meta(ge=1, le=1024)] = 1
     cluster: bool = False
+    # More Cluster seed nodes ("host:port"), tried after url's host when it does not answer.
+    cluster_nodes: list[str] = msgspec.field(default_factory=list)
     # Sentinel: "host:port" of each sentinel; the master's address comes from them, `url` gives
     # its credentials, database and TLS parameters.
     sentinels: list[str] = msgspec.field(default_factory=list)
@@ -196,6 +199,15 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError("retention.finished_s", "must not exceed retention.active_s")
     if not cfg.redis.url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError("redis.url", "must start with redis://, rediss:// or unix://")
+    if cfg.redis.cluster_nodes:
+        if not cfg.redis.cluster:
+            raise ConfigError("redis.cluster_nodes", "needs redis.cluster = true")
+        for addr in cfg.redis.cluster_nodes:
+            host_port(addr, "redis.cluster_nodes")
+    if "," in urllib.parse.urlsplit(cfg.redis.url).netloc.rpartition("@")[2]:
+        raise ConfigError(
+            "redis.url", "one address only; list more Cluster seed nodes in redis.cluster_nodes"
+        )
     if cfg.redis.sentinels:
         if cfg.redis.cluster:
             raise ConfigError("redis.sentinels", "cannot be used with redis.cluster = true")

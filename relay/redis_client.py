@@ -77,13 +77,27 @@ class _AsyncCluster(redis.asyncio.cluster.RedisCluster):
     _init_lock: asyncio.Lock | None = None
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-        if self._initialize:
-            if self._init_lock is None:
-                self._init_lock = asyncio.Lock()
-            async with self._init_lock:
-                if self._initialize:
-                    await self.initialize()
-        return await super().execute_command(*args, **kwargs)
+        try:
+            if self._initialize:
+                if self._init_lock is None:
+                    self._init_lock = asyncio.Lock()
+                async with self._init_lock:
+                    if self._initialize:
+                        await self.initialize()
+            return await super().execute_command(*args, **kwargs)
+        except AttributeError as e:
+            if not closed_connection_race(e):
+                raise
+            raise redis.ConnectionError(
+                f"connection closed during a cluster reconnect ({e})"
+            ) from e
+
+
+def closed_connection_race(e: BaseException) -> bool:
+    """redis-py 8's cluster client, while a node fails over, can send on a connection that a
+    concurrent task just closed: `'NoneType' object has no attribute 'writelines'` (or another
+    attribute of the closed writer/reader). That is a lost connection, not a bug of ours."""
+    return isinstance(e, AttributeError) and "'NoneType' object has no attribute" in str(e)
 
 
 SyncClient = redis.Redis | redis.cluster.RedisCluster
@@ -99,6 +113,11 @@ class _SentinelMaster(redis.asyncio.Redis):
         if self.sentinel_manager is not None:
             for client in self.sentinel_manager.sentinels:
                 await client.aclose()
+
+
+def _seeds(cfg: RedisConfig) -> list[tuple[str, int]]:
+    """The Cluster seed nodes after url's: `cluster_nodes`."""
+    return [host_port(addr, "redis.cluster_nodes") for addr in cfg.cluster_nodes]
 
 
 def _sentinel_args(
@@ -141,7 +160,8 @@ def async_client(
     if not retries:
         opts["retry"] = Retry(NoBackoff(), 0)
     if cfg.cluster:
-        return _AsyncCluster.from_url(cfg.url, **opts)
+        seeds = [redis.asyncio.cluster.ClusterNode(*addr) for addr in _seeds(cfg)]
+        return _AsyncCluster.from_url(cfg.url, startup_nodes=seeds, **opts)
     if cfg.sentinels:
         addrs, sentinel_opts, master_opts = _sentinel_args(cfg, opts)
         sentinel = redis.asyncio.Sentinel(addrs, sentinel_kwargs=sentinel_opts)  # type: ignore[no-untyped-call]
@@ -163,7 +183,8 @@ def sync_client(cfg: RedisConfig, *, socket_timeout: float = 5.0) -> SyncClient:
         **KEEPALIVE,
     }
     if cfg.cluster:
-        return redis.cluster.RedisCluster.from_url(cfg.url, **opts)
+        seeds = [redis.cluster.ClusterNode(*addr) for addr in _seeds(cfg)]  # type: ignore[no-untyped-call]
+        return redis.cluster.RedisCluster.from_url(cfg.url, startup_nodes=seeds, **opts)
     if cfg.sentinels:
         addrs, sentinel_opts, master_opts = _sentinel_args(cfg, opts)
         sentinel = redis.sentinel.Sentinel(addrs, sentinel_kwargs=sentinel_opts)  # type: ignore[no-untyped-call]
@@ -196,11 +217,20 @@ async def read_twice(
     idled fails the next command at once ("Connection closed by server"), and one a NAT
     black-holed waits for the socket timeout, then fails.
     """
+
+    async def attempt() -> T:
+        try:
+            return await read()
+        except AttributeError as e:  # a cluster pipeline racing a reconnect
+            if not closed_connection_race(e):
+                raise
+            raise redis.ConnectionError(f"connection closed during a reconnect ({e})") from e
+
     try:
         if first_timeout_s is None:
-            return await read()
+            return await attempt()
         async with asyncio.timeout(first_timeout_s):
-            return await read()
+            return await attempt()
     except STALE_ERRORS:
         await drop_idle_connections(client)
-    return await read()
+    return await attempt()

@@ -234,16 +234,27 @@ def cluster_info(client: redis.Redis) -> dict[str, str]:
 
 
 class RedisCluster:
-    """N masters, no replicas, every slot assigned; start() returns once all nodes say ok."""
+    """N masters (with `replicas` replicas each), every slot assigned; start() returns once all
+    nodes say ok."""
 
-    def __init__(self, nodes: int = 3) -> None:
-        ports = [_cluster_port() for _ in range(nodes)]
-        self.servers = [RedisServer(p, extra_args=self._args(p)) for p in ports]
+    def __init__(
+        self,
+        nodes: int = 3,
+        *,
+        replicas: int = 0,
+        node_timeout_ms: int = 5000,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        self.replicas = replicas
+        ports = [_cluster_port() for _ in range(nodes * (1 + replicas))]
+        self.servers = [
+            RedisServer(p, extra_args=[*self._args(p, node_timeout_ms), *extra_args]) for p in ports
+        ]
 
     @staticmethod
-    def _args(port: int) -> list[str]:
+    def _args(port: int, node_timeout_ms: int) -> list[str]:
         return ["--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf",
-                "--cluster-node-timeout", "5000"]  # fmt: skip
+                "--cluster-node-timeout", str(node_timeout_ms)]  # fmt: skip
 
     @property
     def url(self) -> str:
@@ -255,7 +266,8 @@ class RedisCluster:
             for s in self.servers:
                 s.start()
             addrs = [f"127.0.0.1:{s.port}" for s in self.servers]
-            cmd = [cli, "--cluster", "create", *addrs, "--cluster-replicas", "0", "--cluster-yes"]
+            cmd = [cli, "--cluster", "create", *addrs, "--cluster-replicas", str(self.replicas)]
+            cmd.append("--cluster-yes")
             out = subprocess.run(
                 cmd, check=False, capture_output=True, text=True, timeout=CLUSTER_TIMEOUT
             )
@@ -267,9 +279,23 @@ class RedisCluster:
             raise
         return self
 
-    def _wait_ok(self) -> None:
+    def masters(self) -> list[RedisServer]:
+        """The running nodes that are masters now."""
+        out = []
+        for s in self.servers:
+            if s.running:
+                with s.client(socket_timeout=2.0, retries=0) as c:
+                    if c.info("replication").get("role") == "master":
+                        out.append(s)
+        return out
+
+    def wait_ok(self) -> None:
+        """Until every running node says cluster_state:ok (after a failover, too)."""
+        self._wait_ok(roles=False)
+
+    def _wait_ok(self, *, roles: bool = True) -> None:
         deadline = time.monotonic() + CLUSTER_TIMEOUT
-        pending = list(self.servers)
+        pending = [s for s in self.servers if s.running]
         while pending and time.monotonic() < deadline:
             with pending[0].client() as c:
                 state = cluster_info(c).get("cluster_state")
@@ -279,6 +305,32 @@ class RedisCluster:
                 time.sleep(0.05)
         if pending:
             raise RuntimeError(f"cluster not ok after {CLUSTER_TIMEOUT}s: {pending[0].url}")
+        if self.replicas and roles:
+            self._wait_roles_known(deadline)
+
+    def _wait_roles_known(self, deadline: float) -> None:
+        """Until every node sees every replica as a replica: a replica's failover needs the
+        votes of masters that know it replicates the failed master (gossip takes a moment)."""
+        running = [s for s in self.servers if s.running]
+        want = len(self.servers) // (1 + self.replicas) * self.replicas
+        for s in running:
+            with s.client() as c:
+                while True:
+                    nodes = c.execute_command("CLUSTER", "NODES")
+                    text = nodes.decode() if isinstance(nodes, bytes) else str(nodes)
+                    flags = [line.split()[2] for line in text.splitlines() if line.strip()]
+                    if sum("slave" in f and "fail" not in f for f in flags) >= want:
+                        break
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"node {s.port} does not see {want} replicas")
+                    time.sleep(0.05)
+                # A replica that never synced cannot fail over (its data is "too old").
+                while (info := c.info("replication"))["role"] == "slave" and info.get(
+                    "master_link_status"
+                ) != "up":
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"replica {s.port} did not sync")
+                    time.sleep(0.05)
 
     def stop(self) -> None:
         for s in self.servers:
