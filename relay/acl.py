@@ -27,6 +27,9 @@ from relay.redis_client import AsyncClient, denied
 # and resyncs (relay/snapshot.py: ZRANGEBYSCORE on the user index, HGETALL, and HGET of
 # `updated_at` when a user has more batches than fanout.snapshot_max_batches).
 RELAY_COMMANDS: Final = ("ping", "xread", "xinfo|stream", "zrangebyscore", "hget", "hgetall")
+# Recommended: INFO tells the relay at a reconnect that Redis restarted or failed over (run id,
+# replication id). Without it the relay falls back on the stream's own entries and counts.
+OPTIONAL_RELAY_COMMANDS: Final = ("info",)
 
 # The emit script's keys, in KeySpace.op_keys order.
 _BATCH, _ITEMS, _INDEX, _STREAM = 1, 2, 3, 4
@@ -109,6 +112,11 @@ async def missing_relay_commands(client: AsyncClient, keys: KeySpace) -> list[st
         "hgetall": lambda: client.hgetall(keys.batch(_CHECK_ID)),
     }
     return [name for name, probe in probes.items() if not await _allowed(probe)]
+
+
+async def missing_optional_relay_commands(client: AsyncClient) -> list[str]:
+    """The recommended relay commands this user may not run (see OPTIONAL_RELAY_COMMANDS)."""
+    return [] if await _allowed(lambda: client.info("server")) else ["info"]
 
 
 async def missing_worker_commands(client: AsyncClient, keys: KeySpace, script: str) -> list[str]:

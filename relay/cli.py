@@ -155,7 +155,14 @@ async def _check_redis(cfg: Config, *, worker: bool) -> list[str]:
     try:
         if worker:
             return await acl.missing_worker_commands(client, keys, SCRIPT)
-        return await acl.missing_relay_commands(client, keys)
+        missing = await acl.missing_relay_commands(client, keys)
+        if not missing and (optional := await acl.missing_optional_relay_commands(client)):
+            print(
+                f"redis: warning: the user may not run {', '.join(optional)}: the relay then "
+                "tells a Redis restart or failover apart by the stream alone (recommended: +info)",
+                file=sys.stderr,
+            )
+        return missing
     finally:
         await client.aclose()
 

@@ -30,12 +30,13 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import redis
+import redis.asyncio.cluster
 import structlog
 
 from relay.errors import BadEntry, error_fields
 from relay.keys import KeySpace
 from relay.metrics import Metrics
-from relay.redis_client import REDIS_ERRORS, AsyncClient, denied
+from relay.redis_client import REDIS_ERRORS, AsyncClient, denied, server_identity
 from relay.wire import BatchState, state_from_fields
 
 log = structlog.get_logger("relay.reader")
@@ -108,6 +109,10 @@ class StreamReader:
         self._running = False
         self._problems: list[str | None] = [None] * keys.shards  # a refused command, per shard
         self._logged: dict[str, float] = {}
+        # (run_id, master_replid) of the server each shard's stream was read from; None: unknown
+        # (INFO refused), then only the stream's own counts tell another history apart.
+        self._identity: dict[int, tuple[str, str] | None] = {}
+        self._identities: dict[str, tuple[float, tuple[str, str] | None]] = {}  # node -> (t, id)
         self.positioned = asyncio.Event()  # every shard knows where it starts reading
 
     @property
@@ -200,7 +205,23 @@ class StreamReader:
             first=_id_tuple(first[0]) if first else None,
         )
 
+    async def _server_identity(self, stream: str, *, fresh: bool) -> tuple[str, str] | None:
+        """server_identity of the node holding `stream`, asked at most every
+        GAP_CHECK_EVERY_S per node unless `fresh` (all shards of one Redis share one INFO)."""
+        node = ""
+        if isinstance(self._redis, redis.asyncio.cluster.RedisCluster):
+            found = self._redis.get_node_from_key(stream)
+            node = found.name if found is not None else ""
+        now = time.monotonic()
+        cached = self._identities.get(node)
+        if not fresh and cached is not None and now - cached[0] < GAP_CHECK_EVERY_S:
+            return cached[1]
+        identity = await server_identity(self._redis, stream)
+        self._identities[node] = (now, identity)
+        return identity
+
     async def _start_at_tail(self, shard: int, stream: str) -> None:
+        self._identity[shard] = await self._server_identity(stream, fresh=True)
         info = await self._stream_info(stream)
         if info is None:
             last: Any = await self._redis.xrevrange(stream, count=1)
@@ -236,9 +257,11 @@ class StreamReader:
         if info is None:
             return False
         position = _id_tuple(self.last_ids[shard])
-        if reply:
+        if await self._other_history(shard, stream, info, position, after_outage=after_outage):
+            lost: int | None = -1
+        elif reply:
             ids = [_id_tuple(entry_id) for entry_id, _fields in reply]
-            lost: int | None = info.lost_before(position, self._counted[shard], ids)
+            lost = info.lost_before(position, self._counted[shard], ids)
         else:
             lost = info.lost_after(position, self._counted[shard])
         if not lost:
@@ -254,6 +277,44 @@ class StreamReader:
         if self._on_gap is not None:
             self._on_gap(shard, reset)
         return reset
+
+    async def _other_history(
+        self, shard: int, stream: str, info: StreamInfo, position: EntryId, *, after_outage: bool
+    ) -> bool:
+        """Is this another history than the one we read? Checked after every reconnect, and
+        at every position check when the server's identity changed (a server that became a
+        replica of another master does so without closing our connection).
+
+        The last entry we read tells: when the stream still holds it (and older ones), this
+        server's stream is the one we read, up to our position, whatever happened (a restart
+        with AOF, a failover to a replica that had everything). When it is gone while older
+        entries are there, we read writes this history never had (a replica promoted after it
+        missed them). When the stream cannot tell (we are at 0-0, or everything we read was
+        trimmed), another server process or replication id (INFO run_id, master_replid: a
+        restart, a promotion, a server that became a replica of another master) decides.
+        The stream's counts (lost_after) catch the rest: a stream that went back or shrank.
+        """
+        identity = await self._server_identity(stream, fresh=after_outage)
+        before, self._identity[shard] = self._identity.get(shard), identity
+        changed = before is not None and identity is not None and identity != before
+        if not (changed or after_outage):
+            return False
+        if position != (0, 0) and info.first is not None and info.first <= position:
+            if position > info.last_generated:
+                return False  # the stream went back: lost_after says so
+            prev: EntryId = (
+                (position[0], position[1] - 1) if position[1] else (position[0] - 1, 2**64 - 1)
+            )
+            found: Any = await self._redis.xread({stream: _id_bytes(prev)}, count=1)
+            if found and _id_tuple(found[0][1][0][0]) == position:
+                return False  # our last entry is here: the same history up to our position
+            log.warning("redis_history_changed", shard=shard, reason="last entry read is gone")
+            return True
+        if changed:
+            assert before is not None and identity is not None
+            reason = "server restarted" if identity[0] != before[0] else "replication id changed"
+            log.warning("redis_history_changed", shard=shard, reason=reason)
+        return changed
 
     async def _consume(self, shard: int, entries: list[tuple[bytes, dict[Any, Any]]]) -> None:
         """Handle entries in order. Fanning one out may write to thousands of sockets, so the

@@ -234,3 +234,21 @@ async def read_twice(
     except STALE_ERRORS:
         await drop_idle_connections(client)
     return await attempt()
+
+
+async def server_identity(client: AsyncClient, key: str) -> tuple[str, str] | None:
+    """(run_id, master_replid) of the server that holds `key`: which process, and which
+    replication history. Both change when Redis restarts, and the replication id when a
+    replica is promoted or a server becomes a replica of another master (it takes on that
+    master's history). None when the user may not run INFO (or Redis is older than 7)."""
+    try:
+        if isinstance(client, redis.asyncio.cluster.RedisCluster):
+            node = client.get_node_from_key(key)
+            raw: Any = await client.execute_command(
+                "INFO", "server", "replication", target_nodes=node
+            )
+        else:
+            raw = await client.execute_command("INFO", "server", "replication")  # type: ignore[no-untyped-call]
+    except redis.ResponseError:  # NOPERM, or a Redis before 7 (one INFO section at a time)
+        return None
+    return str(raw.get("run_id", "")), str(raw.get("master_replid", ""))

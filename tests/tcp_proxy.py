@@ -4,13 +4,15 @@ Each connection that sees no bytes in either direction for `idle_s` is, by `mode
 - "close": closed on both sides (a load balancer's idle timeout),
 - "drop": silently black-holed: what either side sends is read and discarded, nothing is
   forwarded and nothing is closed (a NAT that forgot the mapping).
-New connections always work. `idled` counts the connections that idled out.
+New connections always work. `idled` counts the connections that idled out. `retarget` moves
+the proxy to another server, closing every current connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import Coroutine
 from typing import Any, Literal, Self
 
@@ -25,7 +27,7 @@ class _Link:
 
 
 class TcpProxy:
-    def __init__(self, target_port: int, *, idle_s: float, mode: Mode) -> None:
+    def __init__(self, target_port: int, *, idle_s: float = math.inf, mode: Mode = "close") -> None:
         self.target_port = target_port
         self.idle_s = idle_s
         self.mode = mode
@@ -97,6 +99,14 @@ class TcpProxy:
                     link.server.close()
                 else:
                     link.dead = True
+
+    def retarget(self, target_port: int) -> None:
+        """Send new connections to `target_port` and close the current ones (what a failover
+        behind a fixed address, e.g. a virtual IP, looks like to clients)."""
+        self.target_port = target_port
+        for link in list(self._links):
+            link.client.close()
+            link.server.close()
 
     async def stop(self) -> None:
         if self._server is not None:

@@ -22,14 +22,16 @@ from test_faults_redis import Watcher, all_exact, eventually
 from websockets.exceptions import ConnectionClosed
 
 from relay import cli
-from relay.acl import RELAY_COMMANDS, worker_commands
+from relay.acl import OPTIONAL_RELAY_COMMANDS, RELAY_COMMANDS, worker_commands
 from relay.emitter import SCRIPT, AsyncEmitter
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "DEPLOYMENT.md"
 PASSWORD = "s3cret-pw"
 
 
-def relay_rules(prefix: str, commands: tuple[str, ...] | list[str] = RELAY_COMMANDS) -> list[str]:
+def relay_rules(
+    prefix: str, commands: tuple[str, ...] | list[str] = (*RELAY_COMMANDS, *OPTIONAL_RELAY_COMMANDS)
+) -> list[str]:
     return ["resetkeys", f"%R~{{{prefix}:*", "resetchannels", "-@all", *(f"+{c}" for c in commands)]
 
 
@@ -117,7 +119,9 @@ async def test_least_privilege_users_check_serve_and_emit(
 async def test_relay_without_one_command_says_which(
     server: RedisServer, prefix: str, monkeypatch: pytest.MonkeyPatch, command: str
 ) -> None:
-    url = make_user(server, relay_rules(prefix, [c for c in RELAY_COMMANDS if c != command]))
+    url = make_user(server, relay_rules(prefix, [*RELAY_COMMANDS, *OPTIONAL_RELAY_COMMANDS]))
+    with server.client() as admin:  # take the one command away again
+        admin.execute_command("ACL", "SETUSER", url.split("//")[1].split(":")[0], f"-{command}")
     code, _out, err = await check(url, prefix, monkeypatch)
     assert code == 1
     assert f"may not run what the relay needs: {command} " in err, err
@@ -138,6 +142,17 @@ async def test_relay_without_one_command_says_which(
                 await asyncio.wait_for(ws.recv(), 5)
             assert ws.close_code == 1013
     print(f"\nwithout {command}: check says {err.strip()!r}; /readyz says {reason!r}")
+
+
+async def test_relay_without_info_check_warns_and_passes(
+    server: RedisServer, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = make_user(server, relay_rules(prefix, RELAY_COMMANDS))
+    code, _out, err = await check(url, prefix, monkeypatch)
+    assert code == 0
+    assert "may not run info" in err, err
+    async with running_relay(url, prefix) as relay:
+        assert await relay.readiness() == (True, "ok")
 
 
 async def test_worker_without_one_command_check_says_which(
