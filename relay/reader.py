@@ -221,8 +221,8 @@ class StreamReader:
         return identity
 
     async def _start_at_tail(self, shard: int, stream: str) -> None:
+        info = await self._stream_info(stream)  # first: it makes a cluster client find its nodes
         self._identity[shard] = await self._server_identity(stream, fresh=True)
-        info = await self._stream_info(stream)
         if info is None:
             last: Any = await self._redis.xrevrange(stream, count=1)
             self.last_ids[shard] = bytes(last[0][0]) if last else b"0-0"
