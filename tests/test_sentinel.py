@@ -25,6 +25,7 @@ from relay.config import load_config, masked
 from relay.emitter import AsyncEmitter
 from relay.emitter import RedisUnavailable as EmitUnavailable
 from relay.errors import ConfigError
+from relay.redis_client import async_client
 
 ITEMS = 60
 
@@ -68,6 +69,38 @@ def test_sentinel_keys_from_env_and_their_errors() -> None:
         load_config(env={"RELAY_REDIS_SENTINELS": "s1"})
     with pytest.raises(ConfigError, match=r"redis\.sentinels: cannot be used with redis\.cluster"):
         load_config(env={"RELAY_REDIS_SENTINELS": "s1:1", "RELAY_REDIS_CLUSTER": "true"})
+
+
+async def test_sentinel_client_options_from_config() -> None:
+    """Sentinel credentials go to the sentinels, url's credentials, db and TLS to the master."""
+    cfg = load_config(
+        env={
+            "RELAY_REDIS_URL": "rediss://relay:pw@ignored:1/3?ssl_ca_certs=/ca.pem",
+            "RELAY_REDIS_SENTINELS": "s1:26379,s2:26380",
+            "RELAY_REDIS_SENTINEL_SERVICE": "progress",
+            "RELAY_REDIS_SENTINEL_USERNAME": "watcher",
+            "RELAY_REDIS_SENTINEL_PASSWORD": "spw",
+        }
+    )
+    client: Any = async_client(cfg.redis)
+    try:
+        manager = client.sentinel_manager
+        assert [
+            (
+                c.connection_pool.connection_kwargs["host"],
+                c.connection_pool.connection_kwargs["port"],
+            )
+            for c in manager.sentinels
+        ] == [("s1", 26379), ("s2", 26380)]
+        sentinel_kwargs = manager.sentinel_kwargs
+        assert sentinel_kwargs["username"] == "watcher" and sentinel_kwargs["password"] == "spw"
+        assert sentinel_kwargs["ssl"] is True and sentinel_kwargs["ssl_ca_certs"] == "/ca.pem"
+        master = client.connection_pool.connection_kwargs
+        assert master["username"] == "relay" and master["password"] == "pw" and master["db"] == 3
+        assert master["ssl_ca_certs"] == "/ca.pem" and "host" not in master
+        assert client.connection_pool.service_name == "progress"
+    finally:
+        await client.aclose()
 
 
 @pytest.mark.slow
