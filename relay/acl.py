@@ -32,7 +32,7 @@ RELAY_COMMANDS: Final = ("ping", "xread", "xinfo|stream", "zrangebyscore", "hget
 OPTIONAL_RELAY_COMMANDS: Final = ("info",)
 
 # The emit script's keys, in KeySpace.op_keys order.
-_BATCH, _ITEMS, _INDEX, _STREAM = 1, 2, 3, 4
+_BATCH, _ITEMS, _INDEX, _STREAM, _SEEN = 1, 2, 3, 4, 5
 # How to ask acl_check_cmd about each command the script may run: the key it runs on (0: none)
 # and arguments of the right shape. A command missing here is checked on the batch key.
 _CHECK_ARGS: Final[dict[str, tuple[int, tuple[str, ...]]]] = {
@@ -40,6 +40,12 @@ _CHECK_ARGS: Final[dict[str, tuple[int, tuple[str, ...]]]] = {
     "hmget": (_BATCH, ("f",)),
     "hset": (_BATCH, ("f", "v")),
     "hdel": (_BATCH, ("f",)),
+    "hsetnx": (_ITEMS, ("f", "v")),
+    "exists": (_SEEN, ()),
+    "getrange": (_SEEN, ("0", "0")),
+    "setrange": (_SEEN, ("0", "x")),
+    "bitfield": (_SEEN, ("GET", "u1", "0")),
+    "bitcount": (_SEEN, ()),
     "hgetall": (_BATCH, ()),
     "pexpire": (_BATCH, ("1",)),
     "pexpireat": (_INDEX, ("1",)),
@@ -72,7 +78,9 @@ return refused
 """
 CHECK_SCRIPT_SHA: Final = hashlib.sha1(CHECK_SCRIPT.encode()).hexdigest()  # noqa: S324 - Redis' id
 
-_SCRIPT_CALL_RE = re.compile(r"redis\.p?call\(\s*['\"]([A-Za-z]+)['\"]")
+# redis.call('X', ...), and the script's helpers that run or check one: check('X', ...)
+# (redis.acl_check_cmd) and chunked('X', ...).
+_SCRIPT_CALL_RE = re.compile(r"(?:redis\.p?call|check|chunked)\(\s*['\"]([A-Za-z]+)['\"]")
 _CHECK_ID = "relay-check"  # a batch and user id no batch uses (ids are uuids in practice)
 
 
