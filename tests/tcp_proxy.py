@@ -5,7 +5,9 @@ Each connection that sees no bytes in either direction for `idle_s` is, by `mode
 - "drop": silently black-holed: what either side sends is read and discarded, nothing is
   forwarded and nothing is closed (a NAT that forgot the mapping).
 New connections always work. `idled` counts the connections that idled out. `retarget` moves
-the proxy to another server, closing every current connection.
+the proxy to another server, closing every current connection. `hold()` ... `release()` is a
+network black hole that heals: nothing is forwarded meanwhile (new connections included) and
+nothing is lost or closed; afterwards what waited flows on, as TCP retransmission would have it.
 """
 
 from __future__ import annotations
@@ -38,6 +40,15 @@ class TcpProxy:
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._handlers: set[asyncio.Task[Any]] = set()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+
+    def hold(self) -> None:
+        """Black-hole every connection, current and new, until release()."""
+        self._flowing.clear()
+
+    def release(self) -> None:
+        self._flowing.set()
 
     async def start(self) -> Self:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -55,6 +66,7 @@ class TcpProxy:
         if task is not None:
             self._handlers.add(task)
             task.add_done_callback(self._handlers.discard)
+        await self._flowing.wait()
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         except OSError:
@@ -76,6 +88,7 @@ class TcpProxy:
             while data := await reader.read(65536):
                 if link.dead:
                     continue
+                await self._flowing.wait()  # held: the peers' data waits (backpressure)
                 link.last = loop.time()
                 writer.write(data)
                 await writer.drain()

@@ -34,6 +34,7 @@ from relay_harness import (
     wait_until,
     ws_url,
 )
+from tcp_proxy import TcpProxy
 from test_faults_redis import Watcher, Worker, all_exact, getter
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -506,3 +507,51 @@ async def test_trickling_client_is_closed_after_write_timeout(
     while (msg := await recv_json(prompt))["action"] != "pong":
         assert msg["action"] == "batch_progress"
     await prompt.close()
+
+
+@pytest.mark.slow
+async def test_network_black_hole_between_relay_and_redis_for_10s(
+    redis_server_factory: Factory, prefix: str
+) -> None:
+    """Item 16, the network variant: the relay reaches Redis through a proxy that forwards
+    nothing for 10 s (then heals, as TCP retransmission would); workers write directly."""
+    server = redis_server_factory()
+    proxy = await TcpProxy(server.port).start()
+    relay = Relay(make_config(f"redis://127.0.0.1:{proxy.port}/0", prefix))
+    await relay.start()
+    base = f"http://127.0.0.1:{relay.port}"
+    try:
+        batches = [bid(), bid()]
+        watcher = Watcher(ws_url(relay), "joy").start()
+        worker = Worker(server.url, prefix, "joy", batches, items=60, pause=0.1)
+        working = asyncio.create_task(worker.run())
+        await wait_until(lambda: worker.rounds_done >= 5)
+        proxy.hold()
+        t0 = time.monotonic()
+        try:
+            await wait_http(f"{base}/readyz", 503, timeout=8)
+            print(f"\n/readyz 503 after {time.monotonic() - t0:.1f} s of black hole")
+            worst = 0.0
+            while time.monotonic() - t0 < 10:
+                t = time.monotonic()
+                await wait_http(f"{base}/healthz", 200, timeout=2)
+                worst = max(worst, time.monotonic() - t)
+                await asyncio.sleep(0.2)
+        finally:
+            proxy.release()
+        t1 = time.monotonic()
+        await wait_http(f"{base}/readyz", 200, timeout=20)
+        print(
+            f"/readyz 200 {time.monotonic() - t1:.1f} s after the network healed; /healthz "
+            f"worst {worst * 1000:.0f} ms"
+        )
+        async with asyncio.timeout(40):
+            await working
+        client = redis.asyncio.Redis.from_url(server.url)
+        await all_exact([watcher], getter(client, prefix), batches)
+        assert watcher.connects == 1, watcher.closes  # stayed connected throughout
+        await watcher.stop()
+        await client.aclose()
+    finally:
+        await relay.shutdown()
+        await proxy.stop()
