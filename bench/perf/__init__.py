@@ -1,0 +1,1 @@
+"""The benchmark of the progress relay (bench/run.py); see docs/PERFORMANCE.md."""

@@ -1,0 +1,76 @@
+"""Sizes of the benchmark's phases (--quick / full, --set KEY=VALUE) and the context they share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from perf.harness import Clients
+
+
+@dataclass(frozen=True)
+class Params:
+    ingest_entries: int
+    ingest_batches: int
+    ingest_users: int
+    fanout_sizes: tuple[int, ...]
+    fanout_users: int  # the N clients belong to this many users (N / users connections each)
+    fanout_demand: int  # frames/s the emitter asks for (well above what anyone can deliver)
+    fanout_warm_s: float
+    fanout_window_s: float
+    latency_users: int
+    latency_rate: int  # updates/s
+    latency_s: float
+    conflation_items: int
+    conflation_step: int
+    memory_conns: int
+    workers: int  # client processes
+    reconnect_users: int
+
+
+QUICK = Params(
+    ingest_entries=20_000,
+    ingest_batches=10_000,
+    ingest_users=200,
+    fanout_sizes=(200, 1_000),
+    fanout_users=1,
+    fanout_demand=100_000,
+    fanout_warm_s=1.0,
+    fanout_window_s=1.5,
+    latency_users=1_000,
+    latency_rate=2_000,
+    latency_s=3.0,
+    conflation_items=1_000_000,
+    conflation_step=1_000,
+    memory_conns=1_000,
+    workers=2,
+    reconnect_users=4,
+)
+FULL = Params(
+    ingest_entries=200_000,
+    ingest_batches=10_000,
+    ingest_users=1_000,
+    fanout_sizes=(1_000, 10_000),
+    fanout_users=1,
+    fanout_demand=100_000,
+    fanout_warm_s=3.0,
+    fanout_window_s=10.0,
+    latency_users=1_000,
+    latency_rate=2_000,
+    latency_s=15.0,
+    conflation_items=1_000_000,
+    conflation_step=10,
+    memory_conns=10_000,
+    workers=2,
+    reconnect_users=10,
+)
+
+
+@dataclass
+class Ctx:
+    params: Params
+    redis_url: str
+    logdir: Path
+    clients: Clients
+    profile_dir: Path | None
+    redis_pid: int

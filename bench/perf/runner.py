@@ -1,0 +1,95 @@
+"""The benchmark's runner: phases in order, one table and one JSON line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from perf.fanout import phase_fanout
+from perf.harness import Clients, RedisServer, log, raise_fd_limit
+from perf.ingest import phase_ingest
+from perf.latency import phase_latency_conflation
+from perf.memory import phase_memory
+from perf.naive import phase_naive
+from perf.params import FULL, QUICK, Ctx
+from perf.report import compact, machine, table
+
+PHASES = ("ingest", "latency", "conflation", "naive", "memory", "fanout")
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    params = QUICK if args.quick else FULL
+    for item in args.set or ():
+        key, _, value = item.partition("=")
+        kind = type(getattr(params, key))
+        parsed: Any = tuple(int(v) for v in value.split(",")) if kind is tuple else kind(value)
+        params = replace(params, **{key: parsed})
+    phases = set(args.only.split(",")) if args.only else set(PHASES)
+    fd_limit = raise_fd_limit()
+    logdir = Path(tempfile.mkdtemp(prefix="relay-bench-"))
+    profile_dir: Path | None = args.profile
+    log(f"logs in {logdir}; fd limit {fd_limit}")
+    server = RedisServer().start()
+    clients = await Clients.start(params.workers, logdir)
+    ctx = Ctx(params, server.url, logdir, clients, profile_dir, server._proc.pid)
+    res: dict[str, Any] = {
+        "mode": "quick" if args.quick else "full",
+        "params": asdict(params),
+        "machine": machine(server.url),
+    }
+    t0 = time.perf_counter()
+    try:
+        if "ingest" in phases:
+            log("phase ingest")
+            res["ingest"] = await phase_ingest(ctx)
+        if phases & {"latency", "conflation"}:
+            log("phase latency / conflation / reconnect")
+            res.update(await phase_latency_conflation(ctx, phases))
+        if "naive" in phases:
+            log("phase naive relay")
+            res["naive"] = await phase_naive(ctx)
+        if "memory" in phases:
+            log("phase memory")
+            res["memory"] = await phase_memory(ctx)
+        if "fanout" in phases:
+            res["fanout"] = []
+            for size in params.fanout_sizes:
+                log(f"phase fan-out {size}")
+                res["fanout"].append(await phase_fanout(ctx, size))
+    finally:
+        await clients.stop()
+        server.stop()
+    res["secs"] = time.perf_counter() - t0
+    return res
+
+
+def main(argv: list[str] | None = None, doc: str | None = None) -> int:
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
+    parser.add_argument("--quick", action="store_true", help="small sizes, under a minute")
+    parser.add_argument("--profile", metavar="DIR", help="py-spy record the relay into DIR")
+    parser.add_argument("--only", help=f"comma-separated subset of {','.join(PHASES)}")
+    parser.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a size (see Params)"
+    )
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks
+    if args.profile:
+        args.profile = Path(args.profile).resolve()
+        args.profile.mkdir(parents=True, exist_ok=True)
+    try:
+        uvloop: Any = importlib.import_module("uvloop")
+        res: dict[str, Any] = uvloop.run(run(args))
+    except ImportError:
+        res = asyncio.run(run(args))
+    print(table(res))
+    print(json.dumps(compact(res), sort_keys=True))
+    return 0
