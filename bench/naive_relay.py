@@ -4,9 +4,10 @@
 
 - Workers PUBLISH every update, as one JSON message, on the owner's channel `naive:user:<id>`
   (see `naive_message` below; bench/run.py is the worker).
-- The relay verifies the JWT from `?token=`, SUBSCRIBEs the user's channel on one shared
-  pub/sub connection, and its listener, for every message, parses it, builds the browser's
-  batch_progress frame and awaits a send to each of the user's sockets in turn.
+- The relay verifies the JWT from `?token=` (or a first {"type": "auth"} message), SUBSCRIBEs
+  the user's channel on one shared pub/sub connection, and its listener, for every message,
+  parses it, builds the browser's batch_progress frame and awaits a send to each of the user's
+  sockets in turn.
 - No stream, no snapshot, no throttling: what is published while a client is away is gone.
 Prints {"ready": true} on stdout once listening.
 """
@@ -48,8 +49,10 @@ async def main(port: int, path: str, redis_url: str, secret: str) -> None:
         assert ws.request is not None
         query = parse_qs(urlsplit(ws.request.path).query)
         try:
-            claims = jwt.decode(query["token"][0], secret, algorithms=["HS256"])
-        except (KeyError, jwt.InvalidTokenError):
+            # `?token=`, or first-message auth: {"type": "auth", "token": ...}
+            token = query["token"][0] if "token" in query else json.loads(await ws.recv())["token"]
+            claims = jwt.decode(token, secret, algorithms=["HS256"])
+        except (KeyError, TypeError, ValueError, jwt.InvalidTokenError):
             await ws.close(4003, "invalid token")
             return
         user = str(claims["sub"])

@@ -10,9 +10,12 @@ In `parse` mode each batch_progress frame is decoded and its emit-to-receive lat
 
 Commands (JSON objects on stdin; each answered with one JSON line on stdout):
   {"cmd": "connect", "host", "port", "path", "users": [...], "secret": S | null,
-   "concurrency": C, "parse": bool, "min_interval_ms": F}
+   "concurrency": C, "parse": bool, "min_interval_ms": F, "first_message": bool}
+      (first_message: the token goes in a first {"type": "auth"} frame instead of `?token=`;
+      every client answers the server's {"action": "ping"} with a pong)
   {"cmd": "record"}                  reset latency samples and start recording
-  {"cmd": "stats", "latency": bool}  counters (+ latency samples when asked)
+  {"cmd": "stats", "latency": bool}  counters (+ latency samples and receive times when asked)
+  {"cmd": "finals"}                  the last (processed, status) seen per batch_id
   {"cmd": "close"}                   abort every connection (RST, no TIME_WAIT)
   {"cmd": "exit"}
 """
@@ -42,6 +45,16 @@ TICKS = os.sysconf("SC_CLK_TCK")
 LINGER_RST = struct.pack("ii", 1, 0)
 _decode = msgspec.json.Decoder().decode
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
+MASK = b"\x00\x00\x00\x00"  # client frames must be masked; a zero key leaves the text as is
+PING = b'"action":"ping"'
+PONG = b'{"action":"pong"}'
+
+
+def client_frame(text: bytes) -> bytes:
+    """A masked text frame (client to server), payloads < 64 KiB."""
+    n = len(text)
+    head = bytes([0x81, 0x80 | n]) if n < 126 else bytes([0x81, 0xFE]) + n.to_bytes(2, "big")
+    return head + MASK + text
 
 
 def cpu_seconds(pid: int | str = "self") -> float:
@@ -69,6 +82,8 @@ class Load:
         self.lat_clean: list[float] = []  # not possibly held back by throttling
         self.lat_edge: list[float] = []  # first (seq 1) and terminal frames only
         self.lat_build: list[float] = []  # updated_at -> the frame's timestamp (built)
+        self.lat_t: list[float] = []  # receive wall time (ms) of each lat_all sample
+        self.pongs = 0
         self.last: dict[str, dict[str, Any]] = {}  # batch_id -> last payload seen
 
     def on_text(self, client: Client, data: bytes) -> None:
@@ -85,6 +100,7 @@ class Load:
             return
         lat = now - iso_to_ms(payload["updated_at"])
         self.lat_all.append(lat)
+        self.lat_t.append(now)
         self.lat_build.append(iso_to_ms(frame["timestamp"]) - iso_to_ms(payload["updated_at"]))
         if prev is None or now - prev >= self.min_interval_ms:
             self.lat_clean.append(lat)
@@ -93,11 +109,14 @@ class Load:
 
 
 class Client(asyncio.Protocol):
-    __slots__ = ("buf", "load", "open", "request", "seen", "transport", "upgraded")
+    __slots__ = ("auth", "buf", "load", "open", "request", "seen", "transport", "upgraded")
 
-    def __init__(self, load: Load, request: bytes, upgraded: asyncio.Future[bool]) -> None:
+    def __init__(
+        self, load: Load, request: bytes, upgraded: asyncio.Future[bool], auth: bytes = b""
+    ) -> None:
         self.load = load
         self.request = request
+        self.auth = auth  # a first-message auth frame to send once upgraded
         self.upgraded = upgraded
         self.open = False
         self.buf = b""
@@ -135,6 +154,8 @@ class Client(asyncio.Protocol):
                     self.transport.abort()
                 return
             self.open = True
+            if self.auth and self.transport is not None:
+                self.transport.write(self.auth)
             data = data[end + 4 :]
         n = len(data)
         i = 0
@@ -162,6 +183,9 @@ class Client(asyncio.Protocol):
                 load.frames += 1
                 if parse:
                     load.on_text(self, data[start:end])
+                if length < 40 and PING in data[start:end] and self.transport is not None:
+                    self.transport.write(client_frame(PONG))
+                    load.pongs += 1
             elif opcode == 8:
                 load.closed_by_server += 1
                 if self.transport is not None:
@@ -180,13 +204,18 @@ async def connect(load: Load, cmd: dict[str, Any]) -> dict[str, Any]:
     secret: str | None = cmd.get("secret")
     load.parse = bool(cmd.get("parse", False))
     load.min_interval_ms = float(cmd.get("min_interval_ms", 100))
+    first_message = bool(cmd.get("first_message", False))
     sem = asyncio.Semaphore(int(cmd.get("concurrency", 50)))
     failed = 0
     t0 = time.perf_counter()
 
     async def one(user: str) -> None:
         nonlocal failed
-        query = f"?token={mint_token(secret, user, ttl_s=7200)}" if secret else ""
+        token = mint_token(secret, user, ttl_s=7200) if secret else ""
+        query = f"?token={token}" if secret and not first_message else ""
+        auth = b""
+        if secret and first_message:
+            auth = client_frame(json.dumps({"type": "auth", "token": token}).encode())
         request = (
             f"GET {path}{query} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
             "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
@@ -197,7 +226,7 @@ async def connect(load: Load, cmd: dict[str, Any]) -> dict[str, Any]:
                 upgraded: asyncio.Future[bool] = loop.create_future()
                 try:
                     _, client = await loop.create_connection(
-                        functools.partial(Client, load, request, upgraded), host, port
+                        functools.partial(Client, load, request, upgraded, auth), host, port
                     )
                     async with asyncio.timeout(20):
                         ok = await upgraded
@@ -225,8 +254,10 @@ def stats(load: Load, with_latency: bool) -> dict[str, Any]:
         "t": time.time(),
         "open": sum(1 for c in load.conns if c.transport is not None),
         "closed_by_server": load.closed_by_server,
+        "pongs": load.pongs,
     }
     if with_latency:
+        out["lat_t"] = load.lat_t
         out["lat_all"] = load.lat_all
         out["lat_clean"] = load.lat_clean
         out["lat_edge"] = load.lat_edge
@@ -250,6 +281,7 @@ async def main() -> None:
             reply = await connect(load, cmd)
         elif name == "record":
             load.lat_all, load.lat_clean, load.lat_edge, load.lat_build = [], [], [], []
+            load.lat_t = []
             load.recording = True
             reply = {"ok": True}
         elif name == "stats":
@@ -261,6 +293,8 @@ async def main() -> None:
             load.conns.clear()
             await asyncio.sleep(0.1)
             reply = {"ok": True}
+        elif name == "finals":
+            reply = {b: [p["processed"], p["status"]] for b, p in load.last.items()}
         elif name == "exit":
             return
         else:

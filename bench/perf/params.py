@@ -26,6 +26,14 @@ class Params:
     memory_conns: int
     workers: int  # client processes
     reconnect_users: int
+    load_users: int  # the load phase (bench/perf/load.py)
+    load_steps: int  # updates per batch
+    load_rates: tuple[int, ...]  # updates/s offered; the largest is also run pinned
+    load_warm_s: float
+    load_window_s: float
+    load_repeats: int  # each configuration this many times, interleaved; medians reported
+    overload_factor: float  # the overload run offers this many times the relay's capacity
+    overload_max_rate: int  # ... but no more than this many updates/s
 
 
 QUICK = Params(
@@ -45,6 +53,14 @@ QUICK = Params(
     memory_conns=1_000,
     workers=2,
     reconnect_users=4,
+    load_users=1_000,
+    load_steps=20,
+    load_rates=(2_000, 10_000),
+    load_warm_s=1.5,
+    load_window_s=3.0,
+    load_repeats=1,
+    overload_factor=2.0,
+    overload_max_rate=100_000,
 )
 FULL = Params(
     ingest_entries=200_000,
@@ -63,6 +79,14 @@ FULL = Params(
     memory_conns=10_000,
     workers=2,
     reconnect_users=10,
+    load_users=1_000,
+    load_steps=20,
+    load_rates=(2_000, 10_000),
+    load_warm_s=2.0,
+    load_window_s=8.0,
+    load_repeats=3,
+    overload_factor=2.0,
+    overload_max_rate=100_000,
 )
 
 

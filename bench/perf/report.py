@@ -151,3 +151,144 @@ def compact(res: dict[str, Any]) -> dict[str, Any]:
         return v
 
     return walk(res)  # type: ignore[no-any-return]
+
+
+# -- the load phase: side-by-side table, the issue's three targets, the plot --------------------
+
+CPU_RATIO_TARGET = 1.0  # relay CPU per delivered frame / the baseline's, at 2,000 updates/s
+P99_TARGET_MS = 120.0  # at 10,000 updates/s with the default 100 ms throttle
+LAG_TARGET_MS = 1_000.0  # at twice the relay's one-frame-per-update capacity
+
+
+def _row(summary: list[dict[str, Any]], run: str, server: str) -> dict[str, Any] | None:
+    for r in summary:
+        if r["run"] == run and r["server"] == server:
+            return r
+    return None
+
+
+def load_table(summary: list[dict[str, Any]]) -> str:
+    head = (
+        "run",
+        "server",
+        "upd/s",
+        "frames/s",
+        "CPU",
+        "us/frame",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "lag max ms",
+        "exact",
+    )
+    rows = [head]
+    for r in summary:
+        server = r["server"]
+        if server == "relay":
+            server += f" {r['min_interval_ms']}ms"
+        lag = r["reader_lag_max_ms"] if r["server"] == "relay" else r["client_lag_max_ms"]
+        rows.append(
+            (
+                r["run"],
+                server,
+                f"{r['rate']:,.0f}",
+                f"{r['frames_s']:,.0f}",
+                f"{r['cpu_util'] * 100:.0f}%",
+                f"{r['cpu_us_per_frame']:.1f}",
+                f"{r['p50_ms']:.1f}",
+                f"{r['p99_ms']:.1f}",
+                f"{r['max_ms']:.0f}",
+                f"{lag:.0f}",
+                f"{str(r['exact_all']).lower()} ({r['batches_wrong_max']} wrong)",
+            )
+        )
+    widths = [max(len(row[k]) for row in rows) for k in range(len(head))]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    n = summary[0]["repeats"] if summary else 0
+    note = (
+        f"medians of {n} interleaved runs; lag max: relay_reader_lag_ms (relay), the worst "
+        "per-second median latency at the clients (baseline)"
+    )
+    return "\n".join([*lines, note])
+
+
+def targets(summary: list[dict[str, Any]]) -> str:
+    """The issue's three targets with met / not met."""
+    out = []
+    ours, base = _row(summary, "2k", "relay"), _row(summary, "2k", "naive")
+    if ours and base:
+        ratio = ours["cpu_us_per_frame"] / base["cpu_us_per_frame"]
+        out.append(
+            f"CPU per delivered frame at 2,000 upd/s, relay / baseline = "
+            f"{ours['cpu_us_per_frame']:.1f} / {base['cpu_us_per_frame']:.1f} us = {ratio:.2f} "
+            f"(target <= {CPU_RATIO_TARGET}): {_met(ratio <= CPU_RATIO_TARGET)}"
+        )
+    ours, pinned = _row(summary, "10k", "relay"), _row(summary, "10k-pinned", "relay")
+    if ours:
+        worst = max(ours["p99_ms"], pinned["p99_ms"] if pinned else 0.0)
+        pinned_text = f", pinned {pinned['p99_ms']:.1f}" if pinned else ""
+        out.append(
+            f"p99 latency at 10,000 upd/s, default throttle = {ours['p99_ms']:.1f} ms"
+            f"{pinned_text} (target <= {P99_TARGET_MS:.0f} ms): {_met(worst <= P99_TARGET_MS)}"
+        )
+    over = _row(summary, "overload", "relay")
+    if over and over.get("capacity"):
+        factor = over["rate"] / over["capacity"]
+        ok = over["reader_lag_max_ms"] < LAG_TARGET_MS and over["exact_all"] and factor >= 1.95
+        out.append(
+            f"reader lag at {over['rate']:,.0f} upd/s = {factor:.2f} x capacity "
+            f"({over['capacity']:,.0f} frames per CPU-second) = max "
+            f"{over['reader_lag_max_ms']:.0f} ms, every batch exact: "
+            f"{str(over['exact_all']).lower()} (target < {LAG_TARGET_MS:.0f} ms at 2 x): {_met(ok)}"
+        )
+    return "\n".join(out)
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "NOT MET"
+
+
+def plot(summary: list[dict[str, Any]], path: Path) -> None:
+    """p50/p99 latency and the worst lag against offered load, relay vs baseline (log scale)."""
+    import matplotlib  # noqa: PLC0415 - dev extra, only for --plot
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    series = [
+        ("relay", 100, False, "relay (100 ms throttle)", "tab:blue"),
+        ("relay", 0, False, "relay (no throttle)", "tab:green"),
+        ("naive", None, False, "baseline (pub/sub, hand-written)", "tab:red"),
+    ]
+    for server, interval, pinned, label, color in series:
+        rows = sorted(
+            (
+                r
+                for r in summary
+                if r["server"] == server
+                and r["pinned"] == pinned
+                and (interval is None or r["min_interval_ms"] == interval)
+            ),
+            key=lambda r: r["rate"],
+        )
+        if not rows:
+            continue
+        x = [r["rate"] for r in rows]
+        axes[0].plot(x, [r["p99_ms"] for r in rows], "o-", color=color, label=f"{label} p99")
+        axes[0].plot(x, [r["p50_ms"] for r in rows], "o--", color=color, alpha=0.6, label="p50")
+        lag = [
+            r["reader_lag_max_ms"] if server == "relay" else r["client_lag_max_ms"] for r in rows
+        ]
+        axes[1].plot(x, lag, "o-", color=color, label=label)
+    axes[0].set_title("latency (client receive - updated_at)")
+    axes[1].set_title("worst lag in the window")
+    for ax in axes:
+        ax.set_xlabel("offered updates/s (1,000 users)")
+        ax.set_ylabel("ms")
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

@@ -18,12 +18,13 @@ from perf.fanout import phase_fanout
 from perf.harness import Clients, RedisServer, log, raise_fd_limit
 from perf.ingest import phase_ingest
 from perf.latency import phase_latency_conflation
+from perf.load import phase_load
 from perf.memory import phase_memory
 from perf.naive import phase_naive
 from perf.params import FULL, QUICK, Ctx
-from perf.report import compact, machine, table
+from perf.report import compact, load_table, machine, plot, table, targets
 
-PHASES = ("ingest", "latency", "conflation", "naive", "memory", "fanout")
+PHASES = ("load", "ingest", "latency", "conflation", "naive", "memory", "fanout")
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -48,6 +49,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     t0 = time.perf_counter()
     try:
+        if "load" in phases:
+            log("phase load (relay and baseline side by side)")
+            res["load"] = await phase_load(ctx)
         if "ingest" in phases:
             log("phase ingest")
             res["ingest"] = await phase_ingest(ctx)
@@ -74,7 +78,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None, doc: str | None = None) -> int:
     parser = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
-    parser.add_argument("--quick", action="store_true", help="small sizes, under a minute")
+    parser.add_argument("--quick", action="store_true", help="small sizes, a few minutes")
+    parser.add_argument("--plot", metavar="PNG", help="plot latency and lag vs offered load")
     parser.add_argument("--profile", metavar="DIR", help="py-spy record the relay into DIR")
     parser.add_argument("--only", help=f"comma-separated subset of {','.join(PHASES)}")
     parser.add_argument(
@@ -90,6 +95,13 @@ def main(argv: list[str] | None = None, doc: str | None = None) -> int:
         res: dict[str, Any] = uvloop.run(run(args))
     except ImportError:
         res = asyncio.run(run(args))
+    if "load" in res:
+        print(load_table(res["load"]["summary"]))
+        print()
+        print(targets(res["load"]["summary"]))
+        print()
+        if args.plot:
+            plot(res["load"]["summary"], Path(args.plot))
     print(table(res))
     print(json.dumps(compact(res), sort_keys=True))
     return 0
