@@ -10,6 +10,7 @@ idle (their sockets take every frame), so any wait is the throttle's.
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -151,11 +152,11 @@ def test_pacing_properties(interval: float, connections: int, reads: list[Read])
             by_batch[x.batch].append(x)
         for batch, frames in by_batch.items():
             # frames never go backwards in seq per batch (nor repeat)
-            assert all(a.seq < b.seq for a, b in zip(frames, frames[1:], strict=False))
+            assert all(a.seq < b.seq for a, b in itertools.pairwise(frames))
             # the last state always goes
             assert frames[-1].seq == last_seq[batch]
             # at most one frame per interval, except a batch's turn to a terminal status
-            for a, b in zip(frames, frames[1:], strict=False):
+            for a, b in itertools.pairwise(frames):
                 was = sim.before[batch, b.seq]
                 turn = b.status in ("completed", "failed") and was != b.status
                 assert turn or b.at - a.at >= interval, (a, b, was)
