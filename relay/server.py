@@ -75,7 +75,12 @@ class Relay:
             config.redis, socket_timeout=BLOCK_MS / 1000 + 10, retries=False
         )
         self.reader = StreamReader(
-            self._reader_redis, self.keys, self._on_state, self.metrics, on_gap=self._on_gap
+            self._reader_redis,
+            self.keys,
+            self._on_state,
+            self.metrics,
+            on_gap=self._on_gap,
+            watching=self.fanout.watches,
         )
         self.sessions: set[Session] = set()
         self._authenticated = 0

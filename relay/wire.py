@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Final
 
@@ -91,6 +91,27 @@ def _text(raw: bytes, name: str) -> str:
         return raw.decode()
     except UnicodeDecodeError as e:
         raise BadEntry("bad_encoding", f"field {name} is not UTF-8") from e
+
+
+USER_ID: Final = b"user_id"
+VERSION_FIELD: Final = b"v"
+SCHEMA_VERSION_BYTES: Final = SCHEMA_VERSION.encode()
+
+
+def field_of(flat: Sequence[bytes], name: bytes) -> bytes | None:
+    """The value of `name` in a stream entry as Redis sends it, [name, value, name, value, ...].
+    The emit script writes v, batch_id, user_id first: user_id is found at once."""
+    if len(flat) > 5 and flat[4] == name:
+        return flat[5]
+    for i in range(0, len(flat) - 1, 2):
+        if flat[i] == name:
+            return flat[i + 1]
+    return None
+
+
+def state_from_flat(flat: Sequence[bytes]) -> BatchState:
+    """state_from_fields for an entry as Redis sends it (flat name/value list)."""
+    return state_from_fields(dict(zip(flat[::2], flat[1::2], strict=False)))
 
 
 def state_from_fields(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> BatchState:

@@ -100,7 +100,8 @@ class Sim:
             self.before[s.batch_id, s.seq] = self.offered.get(s.batch_id, "")
             self.offered[s.batch_id] = s.status
             for key, box in enumerate(self.outboxes):
-                if box.offer(s.batch_id, s.seq, frame_of(s), now=t, terminal=s.terminal):
+                terminal = s.status if s.terminal else None
+                if box.offer(s.batch_id, s.seq, frame_of(s), now=t, terminal=terminal):
                     self.write(key, t)
 
     def finish(self) -> None:
@@ -159,7 +160,7 @@ def test_pacing_properties(interval: float, connections: int, reads: list[Read])
             for a, b in itertools.pairwise(frames):
                 was = sim.before[batch, b.seq]
                 turn = b.status in ("completed", "failed") and was != b.status
-                assert turn or b.at - a.at >= interval, (a, b, was)
+                assert turn or b.at - a.at >= interval - 1e-6, (a, b, was)  # float sums
         assert set(by_batch) == set(last_seq)
         # no state waits more than `interval` past its arrival: by then it, or a newer state
         # of its batch, has been written
@@ -174,10 +175,12 @@ def test_pacing_properties(interval: float, connections: int, reads: list[Read])
 @settings(max_examples=200, deadline=None)
 @given(interval=st.sampled_from([50.0, 100.0]), reads=reads_strategy())
 def test_terminal_turn_goes_at_once(interval: float, reads: list[Read]) -> None:
-    """The newest state of a read that turns its batch terminal is written at the read."""
+    """The newest state of a read that turns its batch terminal, or changes its terminal
+    status, is written at the read."""
     sim, arrived = simulate(interval, 1, reads)
     for t, s in arrived:
-        if s.terminal and sim.before.get((s.batch_id, s.seq)) == "processing":
+        before = sim.before.get((s.batch_id, s.seq))
+        if s.terminal and before is not None and before != s.status:
             assert any(
                 x.batch == s.batch_id and x.seq == s.seq and x.at == t for x in sim.sent[0]
             ), (t, s)

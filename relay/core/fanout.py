@@ -61,6 +61,10 @@ class FanOut:
         if not room.subscribers:
             del self._rooms[user_id]
 
+    def watches(self, user_id: str) -> bool:
+        """Has the user a connection here? (The reader skips other users' entries.)"""
+        return user_id in self._rooms
+
     def connections_of(self, user_id: str) -> int:
         room = self._rooms.get(user_id)
         return len(room.subscribers) if room else 0
