@@ -31,6 +31,7 @@ from relay.core.fanout import FanOut
 from relay.errors import AuthFailed, describe, error_fields
 from relay.keys import KeySpace
 from relay.metrics import CONTENT_TYPE, Metrics
+from relay.pacer import Pacer, now_ms
 from relay.reader import BLOCK_MS, StreamReader
 from relay.redis_client import REDIS_ERRORS, AsyncClient, async_client, denied, read_twice
 from relay.session import (
@@ -66,6 +67,7 @@ class Relay:
         self.routes: dict[str, Route] = dict(routes or {})
         self.metrics = Metrics()
         self.fanout = FanOut()
+        self.pacer = Pacer()  # the one timer of every connection's throttle
         self.verifier = TokenVerifier.from_config(
             config.auth, on_jwks_fetch=self.metrics.jwks_fetched
         )
@@ -99,8 +101,7 @@ class Relay:
     # -- wiring -----------------------------------------------------------------------------------
 
     def _on_state(self, state: BatchState) -> None:
-        loop_ms = asyncio.get_running_loop().time() * 1000
-        self.fanout.publish(state, loop_ms, time.time() * 1000)
+        self.fanout.publish(state, now_ms(), time.time() * 1000)
 
     def _on_gap(self, shard: int, reset: bool) -> None:
         """The stream lost entries we had not read: re-read every connected user's batches from
@@ -270,6 +271,7 @@ class Relay:
                 task.cancel()
         await self._redis.aclose()
         await self._reader_redis.aclose()
+        self.pacer.close()
         log.info("relay_stopped")
         self._stopped.set()
 

@@ -18,9 +18,11 @@ from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
 from relay.auth import Claims
+from relay.core.deadlines import take_and_schedule
 from relay.core.delivery import Outbox
 from relay.core.ratelimit import MessageBucket
 from relay.errors import AuthFailed
+from relay.pacer import now_ms
 from relay.redis_client import REDIS_ERRORS
 from relay.wire import (
     PONG_TEXT,
@@ -32,6 +34,7 @@ from relay.wire import (
     ClientPing,
     encode,
     parse_client_frame,
+    ws_text,
 )
 
 if TYPE_CHECKING:
@@ -76,41 +79,56 @@ class Session:
         self.closing = False
         self.counted = False  # counted as authenticated by the relay
         self.frames_sent = 0  # written since the sweeper last looked
-        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None  # the snapshot, later a wait for a drain
         self._live = False  # snapshot written: frames may be written as they come
-        self._draining = False  # the socket's buffer is over its limit: the writer waits
+        self._draining = False  # the socket's buffer is over its limit: a task waits
         # Loop ms since when the socket's buffer has held data without ever emptying (None: it
         # is empty). The buffer only grows in _flush, which looks before and after each write,
         # so no emptying goes unseen: a client that reads a trickle cannot reset it.
         self.waiting_since: float | None = None
         self._expiry: asyncio.TimerHandle | None = None
-        self._opened = time.monotonic()
+        self._opened = asyncio.get_running_loop().time()  # one clock: the loop's
         self._bucket = MessageBucket(relay.config.fanout.max_client_messages_per_s)
 
     # -- fan-out side ---------------------------------------------------------------------------
 
     def wake(self, now: float | None = None) -> None:
-        """Something may be due. Like websockets.broadcast, write it right here when the
-        socket takes it (no task switch per frame); the writer task handles deadlines and
-        sockets whose buffer is full (meanwhile newer states merge in the outbox)."""
+        """Something may be due (at loop ms `now`): write it now."""
+        self.write_due(now_ms() if now is None else now)
+
+    def write_due(self, now: float) -> None:
+        """Like websockets.broadcast, write what is due right here when the socket takes it (no
+        task per connection, no task switch per frame); a frame held by the throttle registers
+        its deadline with the relay's one timer (relay.pacer), which calls this again then.
+        Only a full socket gets a task, which waits for it to drain (meanwhile newer states
+        merge in the outbox)."""
         if self._live and not self._draining:
-            self._flush(_now_ms() if now is None else now)
-        if self._draining or self.outbox.waiting():
-            self._wake.set()
+            self._flush(now)
+            if self._draining:
+                self._task = asyncio.create_task(self._drain())
 
     def _flush(self, now: float) -> None:
-        """Write every due frame without awaiting; mark the socket draining when it is full."""
-        frames = self.outbox.take_due(now)
+        """Write every due frame without awaiting, register the next deadline; mark the socket
+        draining when it is full."""
+        pacer = self.relay.pacer
+        frames, rearm = take_and_schedule(self.outbox, pacer.deadlines, self, now)
+        if rearm:
+            pacer.arm()
         if not frames:
             return
         ws = self.ws
-        if ws.protocol.state is not State.OPEN:
+        transport = ws.transport
+        if ws.protocol.state is not State.OPEN or transport is None or transport.is_closing():
             return
         self.buffer_check()
         try:
-            for frame in frames:
-                ws.protocol.send_text(frame)
-            ws.send_data()
+            # Server frames are unmasked and the relay never fragments nor compresses: a frame
+            # is its header and the text, written in one call (websockets' own writes, pings
+            # and close, also go out whole, so frames never interleave).
+            if len(frames) == 1:
+                transport.write(ws_text(frames[0]))
+            else:
+                transport.write(b"".join(map(ws_text, frames)))
         except Exception as e:  # the transport is going away; the read loop will end
             log.debug("write_failed", error=repr(e))
             return
@@ -118,6 +136,16 @@ class Session:
         self._draining = ws.paused
         if self.waiting_since is None and self.buffer_check():
             self.waiting_since = now
+
+    async def _drain(self) -> None:
+        """The socket's buffer is over its limit: wait until it drains, then write what is due
+        (the sweeper closes it when data waits over write_timeout_s)."""
+        try:
+            await self.ws.drain()
+        except (ConnectionClosed, OSError):
+            return
+        self._draining = False
+        self.wake()
 
     def unsent_bytes(self) -> int:
         transport = self.ws.transport
@@ -143,7 +171,6 @@ class Session:
     async def run(self) -> None:
         structlog.contextvars.bind_contextvars(conn_id=self.id, peer=_peer(self.ws))
         self.relay.track(self, authenticated=False)
-        writer: asyncio.Task[None] | None = None
         try:
             claims = self.claims or await self._first_message_auth()
             if claims is None or self.closing:
@@ -173,13 +200,14 @@ class Session:
             await self.ws.send(encode(AuthSuccess(claims.user_id)), text=True)
             log.info("connection_opened", via="handshake" if self.claims else "first_message")
             self._schedule_expiry(claims)
-            writer = asyncio.create_task(self._writer(states))
+            self._task = asyncio.create_task(self._start(states))
             await self._read_loop()
         except ConnectionClosed:
             pass
         finally:
-            if writer is not None:
-                writer.cancel()
+            self.relay.pacer.forget(self)
+            if self._task is not None:
+                self._task.cancel()
             if self._expiry is not None:
                 self._expiry.cancel()
             if self.user_id is not None:
@@ -190,7 +218,7 @@ class Session:
             log.info(
                 "connection_closed",
                 code=code,
-                duration_s=round(time.monotonic() - self._opened, 3),
+                duration_s=round(asyncio.get_running_loop().time() - self._opened, 3),
             )
 
     async def _first_message_auth(self) -> Claims | None:
@@ -235,7 +263,7 @@ class Session:
 
     async def _read_loop(self) -> None:
         async for message in self.ws:
-            if not self._bucket.take(time.monotonic()):
+            if not self._bucket.take(asyncio.get_running_loop().time()):
                 log.info("client_flood", rate_per_s=self._bucket.rate)
                 await self._close_reading(POLICY_VIOLATION, "too many messages")
                 return
@@ -290,14 +318,14 @@ class Session:
     def _expired(self) -> None:
         self.relay.spawn(self.close(TOKEN_EXPIRED, "token expired"))
 
-    async def _writer(self, snapshot: list[BatchState]) -> None:
-        """Write the snapshot, then what the outbox says is due; sleep until the next deadline
-        or a wake-up."""
+    async def _start(self, snapshot: list[BatchState]) -> None:
+        """Write the snapshot, then go live: from then on frames are written as they come
+        (write_due) and when the relay's one timer says they are due."""
         loop = asyncio.get_running_loop()
         with contextlib.suppress(ConnectionClosed, OSError):
             await self._send_snapshot(loop, snapshot)
             self._live = True
-            await self._write_loop(loop)
+            self.wake()
 
     async def _send_snapshot(
         self, loop: asyncio.AbstractEventLoop, states: list[BatchState]
@@ -318,26 +346,6 @@ class Session:
                 self._draining = False
             else:
                 await asyncio.sleep(0)
-
-    async def _write_loop(self, loop: asyncio.AbstractEventLoop) -> None:
-        while True:
-            self._wake.clear()
-            if self._draining:  # the sweeper closes it when data waits over write_timeout_s
-                await self.ws.drain()
-                self._draining = False
-            now = loop.time() * 1000
-            self._flush(now)
-            if self._draining:
-                continue
-            deadline = self.outbox.next_due()
-            if deadline is None:
-                await self._wake.wait()
-            else:
-                try:
-                    async with asyncio.timeout(max(0.0, (deadline - now) / 1000)):
-                        await self._wake.wait()
-                except TimeoutError:
-                    pass
 
     async def _close_reading(self, code: int, reason: str) -> None:
         """Close from the task that reads the connection, and keep reading (discarding) until it
@@ -362,10 +370,6 @@ class Session:
         except TimeoutError:
             if self.ws.transport is not None:
                 self.ws.transport.abort()
-
-
-def _now_ms() -> float:
-    return asyncio.get_running_loop().time() * 1000
 
 
 def close_code(ws: ServerConnection) -> int:
