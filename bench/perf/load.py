@@ -48,6 +48,7 @@ from perf.harness import (
     log,
     paced,
     pct,
+    profiled,
 )
 from perf.params import Ctx
 from relay.emitter import SCRIPT
@@ -172,7 +173,9 @@ async def run_load(ctx: Ctx, run: Run) -> dict[str, Any]:
         await asyncio.sleep(p.load_warm_s)
         await ctx.clients.all({"cmd": "record"})
         a, cpu_a, wall_a = await ctx.clients.stats(), _cpu(pid), time.time() * 1000
-        sent = await emitter
+        profile = ctx.profile_dir / f"load-{run.name}-{run.server}.txt" if ctx.profile_dir else None
+        with profiled(pid, profile, p.load_window_s):
+            sent = await emitter
         b, cpu_b, wall_b = await ctx.clients.stats(), _cpu(pid), time.time() * 1000
         died = (
             relay.proc.poll() if relay else naive.proc.returncode if naive else None
@@ -358,14 +361,15 @@ async def phase_load(ctx: Ctx) -> dict[str, Any]:
 async def _phase_load(ctx: Ctx) -> dict[str, Any]:
     p = ctx.params
     results: list[dict[str, Any]] = []
-    base = runs_for(p.load_rates, max(p.load_rates))
+    keep = set(p.load_only.split(",")) if p.load_only else None
+    base = [r for r in runs_for(p.load_rates, max(p.load_rates)) if keep is None or r.name in keep]
     cap_rate = max(p.load_rates)
     for rep in range(p.load_repeats):
         log(f"load: repeat {rep + 1} of {p.load_repeats}")
         for run in base:
             results.append({**await run_load(ctx, run), "repeat": rep})
         cap = capacity(results, cap_rate)
-        if cap is not None:
+        if cap is not None and (keep is None or "overload" in keep):
             rate = int(min(p.overload_max_rate, p.overload_factor * cap))
             for server in ("relay", "naive"):
                 run = Run("overload", server, rate, 100, overload=True)

@@ -34,6 +34,7 @@ class Params:
     load_repeats: int  # each configuration this many times, interleaved; medians reported
     overload_factor: float  # the overload run offers this many times the relay's capacity
     overload_max_rate: int  # ... but no more than this many updates/s
+    load_only: str  # comma-separated run names to keep (e.g. "2k,overload"); empty: all
 
 
 QUICK = Params(
@@ -61,6 +62,7 @@ QUICK = Params(
     load_repeats=1,
     overload_factor=2.0,
     overload_max_rate=100_000,
+    load_only="",
 )
 FULL = Params(
     ingest_entries=200_000,
@@ -87,6 +89,7 @@ FULL = Params(
     load_repeats=3,
     overload_factor=2.0,
     overload_max_rate=100_000,
+    load_only="",
 )
 
 
