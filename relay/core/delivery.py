@@ -88,18 +88,25 @@ class Outbox:
 
     def take_due(self, now: float) -> list[Frame]:
         """Frames to write now, control frames first; marks their batches as sent at `now`."""
-        out = list(self._control)
-        self._control.clear()
-        done: list[str] = []
-        for batch_id, slot in self._queued.items():
-            if slot.due <= now and slot.frame is not None:
-                out.append(slot.frame)
-                slot.frame = None
-                slot.sent_at = now
-                done.append(batch_id)
-        for batch_id in done:
-            del self._queued[batch_id]
-        self.pending_bytes -= sum(len(f) for f in out)
+        if self._control:
+            out = list(self._control)
+            self._control.clear()
+        else:
+            out = []
+        queued = self._queued
+        if queued:
+            done: list[str] = []
+            for batch_id, slot in queued.items():
+                frame = slot.frame
+                if slot.due <= now and frame is not None:
+                    out.append(frame)
+                    slot.frame = None
+                    slot.sent_at = now
+                    done.append(batch_id)
+            for batch_id in done:
+                del queued[batch_id]
+        if out:
+            self.pending_bytes -= sum(map(len, out))
         return out
 
     def waiting(self) -> bool:
