@@ -206,6 +206,17 @@ PING_TEXT: Final = encode(Ping())
 PONG_TEXT: Final = encode(Pong())
 
 
+def ws_text(payload: bytes) -> bytes:
+    """`payload` as one WebSocket text frame from a server (RFC 6455 5.2: FIN, opcode 1, no
+    mask, no extension): the same bytes for every connection, written straight to the socket."""
+    n = len(payload)
+    if n < 126:
+        return bytes((0x81, n)) + payload
+    if n < 65_536:
+        return b"\x81\x7e" + n.to_bytes(2, "big") + payload
+    return b"\x81\x7f" + n.to_bytes(8, "big") + payload
+
+
 def iso_ms(ms: int | float) -> str:
     """ISO-8601 UTC with millisecond precision and a trailing Z."""
     seconds, millis = divmod(math.floor(ms), 1000)  # both from one integer: no :02.999 round-up

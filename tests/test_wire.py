@@ -30,6 +30,7 @@ from relay.wire import (
     progress_frame,
     state_from_fields,
     state_from_flat,
+    ws_text,
 )
 
 PAYLOAD_KEYS = {
@@ -437,3 +438,12 @@ def test_client_frames_raise_only_bad_client_frame(data: bytes | str) -> None:
 def test_deeply_nested_client_frame_is_a_format_error() -> None:
     with pytest.raises(BadClientFrame):
         parse_client_frame("[" * 5000 + "]" * 5000)
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65_535, 65_536, 70_000])
+def test_ws_text_frame_header(size: int) -> None:
+    """What websockets itself writes for a server text frame (no mask, FIN, opcode 1)."""
+    from websockets.frames import Frame, Opcode  # noqa: PLC0415
+
+    payload = b"x" * size
+    assert ws_text(payload) == Frame(Opcode.TEXT, payload).serialize(mask=False)
