@@ -416,8 +416,7 @@ async def test_trim_past_stalled_reader_is_detected_and_resynced(
         await watcher.snapshot_done.wait()
 
     # Stall the reader: its next XREAD waits at a gate (as if the event loop were blocked).
-    reader_client = relay.reader._redis
-    real_xread = reader_client.xread
+    real_xread = relay.reader._xread
     gate, parked = asyncio.Event(), asyncio.Event()
     gate.set()
 
@@ -427,7 +426,7 @@ async def test_trim_past_stalled_reader_is_detected_and_resynced(
             await gate.wait()
         return await real_xread(*args, **kwargs)
 
-    monkeypatch.setattr(reader_client, "xread", gated_xread)
+    monkeypatch.setattr(relay.reader, "_xread", gated_xread)
     gate.clear()
     await em.item(a, user, "x1")  # wakes the XREAD in flight; the next one parks
     async with asyncio.timeout(5):
