@@ -397,12 +397,19 @@ class Relay:
             self.metrics.loop_lag.set(max(0.0, now - expected))
             expected = now + SWEEP_EVERY_S
             write_timeout_ms = fanout_cfg.write_timeout_s * 1000
+            max_buffer = fanout_cfg.max_buffer_bytes
             for s in list(self.sessions):
-                self._collect(s)
+                if s.frames_sent or s.outbox.merged:
+                    self._collect(s)
                 if s.closing or s.user_id is None:
                     continue
+                # The socket's buffer only fills in Session._flush, which notes when it stops
+                # being empty (waiting_since): a session with nothing waiting there can only be
+                # over the limit through its outbox (no call into the transport per session).
+                if s.waiting_since is None and s.outbox.pending_bytes <= max_buffer:
+                    continue
                 stuck = s.waiting_ms(now * 1000) > write_timeout_ms
-                if stuck or s.unsent_bytes() > fanout_cfg.max_buffer_bytes:
+                if stuck or s.unsent_bytes() > max_buffer:
                     self.metrics.slow_disconnects.inc()
                     log.info("slow_consumer", conn_id=s.id, user_id=s.user_id, stuck=stuck)
                     self.spawn(s.close(TOO_SLOW, "too slow"))

@@ -292,3 +292,17 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def lag_lines(runs: list[dict[str, Any]]) -> str:
+    """relay_reader_lag_ms over time (s since the emission started: ms), one line per relay run
+    at or above 10,000 updates/s, from the last repeat."""
+    last = max((r.get("repeat", 0) for r in runs), default=0)
+    out = ["relay_reader_lag_ms over time (s: ms; warm-up included):"]
+    for r in runs:
+        if r["server"] != "relay" or r.get("repeat", 0) != last or r["rate"] < 10_000:
+            continue
+        points = " ".join(f"{t:.1f}:{v:.0f}" for t, v in r["reader_lag_ms"])
+        name = f"{r['run']} ({r['rate']:,}/s, {r['min_interval_ms']} ms)"
+        out.append(f"  {name}: {points}")
+    return "\n".join(out)

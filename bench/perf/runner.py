@@ -22,7 +22,7 @@ from perf.load import phase_load
 from perf.memory import phase_memory
 from perf.naive import phase_naive
 from perf.params import FULL, QUICK, Ctx
-from perf.report import compact, load_table, machine, plot, table, targets
+from perf.report import compact, lag_lines, load_table, machine, plot, table, targets
 
 PHASES = ("load", "ingest", "latency", "conflation", "naive", "memory", "fanout")
 
@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None, doc: str | None = None) -> int:
         res = asyncio.run(run(args))
     if "load" in res:
         print(load_table(res["load"]["summary"]))
+        print()
+        print(lag_lines(res["load"]["runs"]))
         print()
         print(targets(res["load"]["summary"]))
         print()
