@@ -117,7 +117,9 @@ class Outbox:
         """The earliest time (ms) something becomes due; None when nothing waits."""
         if self._control:
             return float("-inf")
-        return min((slot.due for slot in self._queued.values()), default=None)
+        if not self._queued:
+            return None
+        return min(slot.due for slot in self._queued.values())
 
     def prune(self, now: float, idle_ms: float) -> int:
         """Forget batches with nothing waiting and nothing sent for `idle_ms`.
