@@ -10,7 +10,8 @@ from i, so the final state of every batch is known from the number of updates se
 
 Overload runs offer more than the emit path of one Python worker can write, so their states are
 generated inside Redis by one small script call per tick (the same stream fields the emit
-script writes; PUBLISH of the same JSON for the baseline).
+script writes; PUBLISH of the same JSON for the baseline). The generator writes no batch hashes,
+so a trim past a lagging reader could not be resynced: its stream keeps 1,000,000 entries.
 
 Figures per run: CPU per delivered frame (the server process's utime + stime in the window /
 frames counted at the clients in the window), latency (client receive wall time - the state's
@@ -75,7 +76,7 @@ for i = first, first + count - 1 do
   local status = 'processing'
   if k == steps then status = 'completed' end
   if mode == 'stream' then
-    redis.call('XADD', KEYS[1], 'MAXLEN', '~', '100000', '*', 'v', '1', 'batch_id', batch,
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', '1000000', '*', 'v', '1', 'batch_id', batch,
       'user_id', user, 'status', status, 'total', steps, 'processed', k, 'successful', k,
       'failed', 0, 'seq', k, 'started_at', now, 'updated_at', now, 'label', 'bench')
   else
