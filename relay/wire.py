@@ -109,8 +109,18 @@ def field_of(flat: Sequence[bytes], name: bytes) -> bytes | None:
     return None
 
 
+# The emit script's field order (relay/lua/emit.lua `state`); label, when set, comes last.
+_SCRIPT_ORDER: Final = (b"v", b"batch_id", b"user_id", b"status", *(k for _, k in _INT_KEYS))
+
+
 def state_from_flat(flat: Sequence[bytes]) -> BatchState:
-    """state_from_fields for an entry as Redis sends it (flat name/value list)."""
+    """state_from_fields for an entry as Redis sends it (flat name/value list). An entry in the
+    emit script's field order is read by position (no dict); any other goes through a dict."""
+    n = len(flat)
+    if (n == 22 or (n == 24 and flat[22] == b"label")) and tuple(flat[0:22:2]) == _SCRIPT_ORDER:
+        return _build(
+            flat[1], flat[9:22:2], flat[3], flat[5], flat[7], flat[23] if n == 24 else None
+        )
     return state_from_fields(dict(zip(flat[::2], flat[1::2], strict=False)))
 
 
@@ -121,23 +131,39 @@ def state_from_fields(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> Batc
     isdigit() is ASCII-only), only the text fields are decoded, unknown fields are not looked at.
     """
     f = _as_bytes(fields)
-    version = f.get(b"v")
+    return _build(
+        f.get(b"v"),
+        [f.get(key) for _, key in _INT_KEYS],
+        f.get(b"batch_id"),
+        f.get(b"user_id"),
+        f.get(b"status"),
+        f.get(b"label"),
+    )
+
+
+def _build(  # noqa: PLR0917 - the fields of an entry, in one place
+    version: bytes | None,
+    raw_ints: Sequence[bytes | None],
+    raw_batch: bytes | None,
+    raw_user: bytes | None,
+    raw_status: bytes | None,
+    raw_label: bytes | None,
+) -> BatchState:
     if version != _VERSION:
         detail = "no schema version field `v`" if version is None else "unknown schema version"
         raise BadEntry("foreign", f"{detail} {(version or b'')[:20]!r}")
-    ints: dict[str, int] = {}
-    for name, key in _INT_KEYS:
-        raw = f.get(key)
+    ints: list[int] = []
+    for (name, _key), raw in zip(_INT_KEYS, raw_ints, strict=True):
         if raw is None:
             raise BadEntry("missing_field", name)
         if not raw.isdigit():
             raise BadEntry("bad_number", f"{name}={raw[:30]!r}")
         if len(raw) > 16 or (number := int(raw)) > MAX_COUNT:
             raise BadEntry("too_large", f"{name}={raw[:30]!r}")
-        ints[name] = number
-    if ints["started_at"] > MAX_TIME_MS or ints["updated_at"] > MAX_TIME_MS:
+        ints.append(number)
+    total, processed, successful, failed, seq, started_at, updated_at = ints
+    if started_at > MAX_TIME_MS or updated_at > MAX_TIME_MS:
         raise BadEntry("too_large", "started_at/updated_at past year 9999")
-    raw_batch, raw_user, raw_status = f.get(b"batch_id"), f.get(b"user_id"), f.get(b"status")
     if raw_batch is None or raw_user is None or raw_status is None:
         missing = "batch_id" if raw_batch is None else "user_id" if raw_user is None else "status"
         raise BadEntry("missing_field", missing)
@@ -147,11 +173,22 @@ def state_from_fields(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> Batc
     batch_id, user_id = _text(raw_batch, "batch_id"), _text(raw_user, "user_id")
     if not (0 < len(batch_id) <= MAX_ID_LEN and 0 < len(user_id) <= MAX_ID_LEN):
         raise BadEntry("bad_id", "batch_id and user_id must be 1-128 chars")
-    raw_label = f.get(b"label")
     label = _text(raw_label, "label") if raw_label else None
     if label is not None and len(label) > MAX_LABEL_LEN:
         raise BadEntry("bad_label", "label longer than 200 chars")
-    return BatchState(batch_id=batch_id, user_id=user_id, status=status, label=label, **ints)
+    return BatchState(
+        batch_id=batch_id,
+        user_id=user_id,
+        status=status,
+        total=total,
+        processed=processed,
+        successful=successful,
+        failed=failed,
+        seq=seq,
+        started_at=started_at,
+        updated_at=updated_at,
+        label=label,
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -447,3 +447,31 @@ def test_ws_text_frame_header(size: int) -> None:
 
     payload = b"x" * size
     assert ws_text(payload) == Frame(Opcode.TEXT, payload).serialize(mask=False)
+
+
+def _outcome(parse: Any, arg: Any) -> object:
+    try:
+        return parse(arg)
+    except BadEntry as e:
+        return ("rejected", e.reason)
+
+
+@given(
+    name=st.sampled_from([k.decode() for k in fields()]),
+    value=st.one_of(
+        st.binary(max_size=40),
+        st.sampled_from([b"", b"-1", b"1.5", b"99999999999999999", b"\xff\xfe", b"completed"]),
+        st.text(min_size=100, max_size=300).map(str.encode),
+    ),
+    with_label=st.booleans(),
+)
+def test_flat_entry_in_script_order_reads_like_the_dict(
+    name: str, value: bytes, with_label: bool
+) -> None:
+    """The positional fast path (emit script order) accepts and rejects exactly like the dict
+    path, with the same reasons."""
+    f = fields(**{name: value})
+    if not with_label and name != "label":
+        del f[b"label"]
+    flat = [x for pair in f.items() for x in pair]
+    assert _outcome(state_from_flat, flat) == _outcome(state_from_fields, f)
