@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from typing import Any
 
 import redis
 
-from perf.harness import KEYS, STREAM, RelayProc, async_redis, entry_fields, log, profiled
+from perf.harness import STREAM, RelayProc, async_redis, entry_fields, log, profiled
 from perf.params import Ctx
 
 
@@ -22,31 +24,31 @@ async def phase_ingest(ctx: Ctx) -> dict[str, Any]:
         users = [f"in-u{i}" for i in range(p.ingest_users)]
         await ctx.clients.connect(relay.port, users)
         await relay.wait_authenticated(len(users))
-        tmp = f"{KEYS.tag(0)}:bench-fill"
-        n = p.ingest_entries + 1
+        n = p.ingest_entries
 
         async def burst(owners: list[str], gen: int, name: str) -> tuple[float, float]:
-            """Append the whole burst at once; seconds and relay CPU seconds to read it all."""
-            r.delete(tmp)
-            log(f"ingest: filling {p.ingest_entries:,} entries ({name})")
-            pipe = r.pipeline(transaction=False)
-            for i in range(p.ingest_entries):
-                b = i % p.ingest_batches
-                seq = gen * 1_000_000 + 1 + i // p.ingest_batches
-                fields = entry_fields(f"in-b{b}", owners[b % len(owners)], seq, now)
-                pipe.xadd(tmp, fields)  # type: ignore[arg-type]
-                if len(pipe) >= 2_000:
-                    pipe.execute()
-            pipe.execute()
+            """Append the whole burst while the relay is stopped (SIGSTOP), so that it finds it
+            all at once when it resumes; seconds and relay CPU seconds to read it all. (The
+            same stream: a burst renamed into place would be another history to the reader.)"""
             base = relay.metric("relay_stream_entries_read_total")
-            cpu0 = relay.cpu()
-            t0 = time.perf_counter()
+            os.kill(relay.pid, signal.SIGSTOP)
+            try:
+                log(f"ingest: filling {p.ingest_entries:,} entries ({name})")
+                pipe = r.pipeline(transaction=False)
+                for i in range(p.ingest_entries):
+                    b = i % p.ingest_batches
+                    seq = gen * 1_000_000 + 1 + i // p.ingest_batches
+                    fields = entry_fields(f"in-b{b}", owners[b % len(owners)], seq, now)
+                    pipe.xadd(STREAM, fields)  # type: ignore[arg-type]
+                    if len(pipe) >= 2_000:
+                        pipe.execute()
+                pipe.execute()
+            finally:
+                cpu0 = relay.cpu()
+                t0 = time.perf_counter()
+                os.kill(relay.pid, signal.SIGCONT)
             profile = ctx.profile_dir / f"ingest-{name}.txt" if ctx.profile_dir else None
             with profiled(relay.pid, profile, max(2.0, p.ingest_entries / 40_000)):
-                tx = r.pipeline(transaction=True)
-                tx.rename(tmp, STREAM)  # the whole burst appears at once
-                tx.xadd(STREAM, entry_fields("wake", "nobody", gen + 2, now))  # type: ignore[arg-type]
-                tx.execute()
                 while relay.metric("relay_stream_entries_read_total") < base + n:
                     if time.perf_counter() - t0 > 300:
                         raise RuntimeError("relay did not read the burst in 300 s")

@@ -10,6 +10,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -48,27 +49,31 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine(server.url),
     }
     t0 = time.perf_counter()
+
+    async def phase(name: str, work: Awaitable[Any], store: Callable[[Any], None]) -> None:
+        """Run one phase; a phase that fails is reported and the others still run."""
+        log(f"phase {name}")
+        try:
+            store(await work)
+        except Exception as e:
+            log(f"phase {name} failed: {e!r}")
+            res.setdefault("errors", {})[name] = repr(e)
+
     try:
         if "load" in phases:
-            log("phase load (relay and baseline side by side)")
-            res["load"] = await phase_load(ctx)
+            await phase("load", phase_load(ctx), lambda v: res.__setitem__("load", v))
         if "ingest" in phases:
-            log("phase ingest")
-            res["ingest"] = await phase_ingest(ctx)
+            await phase("ingest", phase_ingest(ctx), lambda v: res.__setitem__("ingest", v))
         if phases & {"latency", "conflation"}:
-            log("phase latency / conflation / reconnect")
-            res.update(await phase_latency_conflation(ctx, phases))
+            await phase("latency", phase_latency_conflation(ctx, phases), res.update)
         if "naive" in phases:
-            log("phase naive relay")
-            res["naive"] = await phase_naive(ctx)
+            await phase("naive", phase_naive(ctx), lambda v: res.__setitem__("naive", v))
         if "memory" in phases:
-            log("phase memory")
-            res["memory"] = await phase_memory(ctx)
+            await phase("memory", phase_memory(ctx), lambda v: res.__setitem__("memory", v))
         if "fanout" in phases:
             res["fanout"] = []
             for size in params.fanout_sizes:
-                log(f"phase fan-out {size}")
-                res["fanout"].append(await phase_fanout(ctx, size))
+                await phase(f"fan-out {size}", phase_fanout(ctx, size), res["fanout"].append)
     finally:
         await clients.stop()
         server.stop()
