@@ -263,7 +263,8 @@ async def _emitter(client: redis.asyncio.Redis, run: Run, users: int, steps: int
                 batch, user = f"{tag}-b{u}-{n // steps}", f"{tag}-u{u}"
                 argv = ["set", batch, user, "86400000", "3600000", "100000"]
                 argv += ["total", str(steps), "processed", str(k), "successful", str(k)]
-                pipe.evalsha(sha, 4, *KEYS.op_keys(batch, user), *argv)
+                keys = KEYS.op_keys(batch, user)
+                pipe.evalsha(sha, len(keys), *keys, *argv)
             await pipe.execute()
 
         return emit_set
