@@ -306,3 +306,27 @@ def lag_lines(runs: list[dict[str, Any]]) -> str:
         name = f"{r['run']} ({r['rate']:,}/s, {r['min_interval_ms']} ms)"
         out.append(f"  {name}: {points}")
     return "\n".join(out)
+
+
+def load_markdown(summary: list[dict[str, Any]]) -> str:
+    """The load table as Markdown (for docs/PERFORMANCE.md)."""
+    lines = [
+        "| run | server | updates/s | frames/s | CPU | µs/frame | p50 ms | p99 ms | max ms "
+        "| worst lag ms | every batch exact |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in summary:
+        server = f"relay {r['min_interval_ms']} ms" if r["server"] == "relay" else "baseline"
+        lag = r["reader_lag_max_ms"] if r["server"] == "relay" else r["client_lag_max_ms"]
+        cpu = "-" if r["cpu_util"] != r["cpu_util"] else f"{r['cpu_util'] * 100:.0f} %"
+        us = (
+            "-"
+            if r["cpu_us_per_frame"] != r["cpu_us_per_frame"]
+            else f"{r['cpu_us_per_frame']:.1f}"
+        )
+        lines.append(
+            f"| {r['run']} | {server} | {r['rate']:,.0f} | {r['frames_s']:,.0f} | {cpu} | {us} "
+            f"| {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['max_ms']:.0f} | {lag:.0f} "
+            f"| {'yes' if r['exact_all'] else 'no'} ({r['batches_wrong_max']} wrong) |"
+        )
+    return "\n".join(lines)

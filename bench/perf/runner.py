@@ -23,7 +23,16 @@ from perf.load import phase_load
 from perf.memory import phase_memory
 from perf.naive import phase_naive
 from perf.params import FULL, QUICK, Ctx
-from perf.report import compact, lag_lines, load_table, machine, plot, table, targets
+from perf.report import (
+    compact,
+    lag_lines,
+    load_markdown,
+    load_table,
+    machine,
+    plot,
+    table,
+    targets,
+)
 
 PHASES = ("load", "ingest", "latency", "conflation", "naive", "memory", "fanout")
 
@@ -109,6 +118,7 @@ def main(argv: list[str] | None = None, doc: str | None = None) -> int:
         print()
         if args.plot:
             plot(res["load"]["summary"], Path(args.plot))
+            Path(args.plot).with_suffix(".md").write_text(load_markdown(res["load"]["summary"]))
     print(table(res))
     print(json.dumps(compact(res), sort_keys=True))
     return 0
