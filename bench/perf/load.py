@@ -372,6 +372,11 @@ async def _phase_load(ctx: Ctx) -> dict[str, Any]:
     return {"runs": results, "summary": summarise(results)}
 
 
+def _median_of(rs: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in rs if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
 def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Medians over repeats per (run, server)."""
     keys: list[tuple[str, str]] = []
@@ -405,7 +410,12 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "exact_all": all(r["exact"] for r in rs),
                 "batches_wrong_max": max(r["batches_wrong"] for r in rs),
                 **med,
-                "capacity": rs[0].get("capacity"),
+                # each repeat offers overload_factor x the capacity measured in that repeat
+                "capacity": _median_of(rs, "capacity"),
+                "factor": statistics.median(r["rate"] / r["capacity"] for r in rs)
+                if all(r.get("capacity") for r in rs)
+                else None,
+                "server_died": any(r.get("server_died") for r in rs),
             }
         )
     return out
