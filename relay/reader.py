@@ -40,12 +40,7 @@ from relay.keys import KeySpace
 from relay.metrics import Metrics
 from relay.redis_client import REDIS_ERRORS, AsyncClient, denied, server_identity
 from relay.wire import (
-    MAX_ID_LEN,
-    SCHEMA_VERSION_BYTES,
-    USER_ID,
-    VERSION_FIELD,
     BatchState,
-    field_of,
     state_from_flat,
 )
 
@@ -111,7 +106,7 @@ class StreamReader:
     ) -> None:
         """`on_gap(shard, reset)` runs when entries were lost; `reset`: seqs may restart.
         `watching(user_id)`: does anyone here watch this user? Entries of other users are
-        counted as read and not parsed.
+        validated (a bad entry is counted whoever it names) but not fanned out.
 
         The client is the reader's own: its XREAD replies are taken raw (nested lists of bytes,
         no per-entry dicts), see `_entries`.
@@ -364,9 +359,9 @@ class StreamReader:
         return changed
 
     async def _consume(self, shard: int, entries: list[Entry]) -> None:
-        """Handle a reply: every entry counts as read; an entry of our schema version whose user
-        nobody here watches is not parsed (see `_skippable`); of the rest, only the newest valid
-        state per batch is fanned out (entries are absolute states). Fanning out may write to
+        """Handle a reply: every entry counts as read and is validated (a bad one is rejected and
+        counted, whoever it names); of the valid states of users watched here, only the newest
+        per batch is fanned out (entries are absolute states). Fanning out may write to
         thousands of sockets, so the loop is yielded every YIELD_AFTER_S: a burst never starves
         HTTP or the connections."""
         self._metrics.entries_read.inc(len(entries))
@@ -376,10 +371,8 @@ class StreamReader:
         states: list[BatchState] = []
         budget_end = time.monotonic() + YIELD_AFTER_S
         for entry_id, flat in entries:
-            if watching is not None and _skippable(flat, watching):
-                continue
             state = self._parse(entry_id, flat)
-            if state is not None:
+            if state is not None and (watching is None or watching(state.user_id)):
                 states.append(state)
         for state in newest_per_batch(states) if len(states) > 1 else states:
             try:
@@ -434,22 +427,6 @@ def _entries(reply: Any) -> list[Entry]:
         return entries
     entries = reply[0][1]
     return entries
-
-
-def _skippable(flat: Sequence[bytes], watching: Callable[[str], bool]) -> bool:
-    """Is this entry of the relay's schema, with a plausible user_id that nobody here watches?
-    Only `v` and `user_id` are looked at: a foreign entry or a bad user_id is still parsed (and
-    rejected, and counted); other faults of an unwatched user's entry go unnoticed."""
-    version = flat[1] if len(flat) > 1 and flat[0] == VERSION_FIELD else None
-    if (version or field_of(flat, VERSION_FIELD)) != SCHEMA_VERSION_BYTES:
-        return False
-    user = field_of(flat, USER_ID)
-    if user is None or not 0 < len(user) <= MAX_ID_LEN:
-        return False
-    try:
-        return not watching(user.decode())
-    except UnicodeDecodeError:
-        return False
 
 
 class _Ids(Sequence[EntryId]):

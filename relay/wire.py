@@ -93,22 +93,6 @@ def _text(raw: bytes, name: str) -> str:
         raise BadEntry("bad_encoding", f"field {name} is not UTF-8") from e
 
 
-USER_ID: Final = b"user_id"
-VERSION_FIELD: Final = b"v"
-SCHEMA_VERSION_BYTES: Final = SCHEMA_VERSION.encode()
-
-
-def field_of(flat: Sequence[bytes], name: bytes) -> bytes | None:
-    """The value of `name` in a stream entry as Redis sends it, [name, value, name, value, ...].
-    The emit script writes v, batch_id, user_id first: user_id is found at once."""
-    if len(flat) > 5 and flat[4] == name:
-        return flat[5]
-    for i in range(0, len(flat) - 1, 2):
-        if flat[i] == name:
-            return flat[i + 1]
-    return None
-
-
 # The emit script's field order (relay/lua/emit.lua `state`); label, when set, comes last.
 _SCRIPT_ORDER: Final = (b"v", b"batch_id", b"user_id", b"status", *(k for _, k in _INT_KEYS))
 

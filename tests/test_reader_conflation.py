@@ -1,5 +1,6 @@
 """The reader's cheap path (issue 10): raw XREAD replies, entries of users nobody here watches
-counted as read but not parsed, and only the newest state per batch of one reply fanned out.
+counted as read and validated but not fanned out, and only the newest state per batch of one
+reply fanned out.
 
 Real Redis (the shared server with a unique prefix); the reader is started behind a prepared
 backlog, so that one XREAD reply holds several states of the same batch.
@@ -45,7 +46,7 @@ async def test_one_reply_fans_out_the_newest_state_per_watched_batch(
     for seq in range(1, 51):  # a watched batch, 50 states; the 50th is terminal
         pipe.xadd(stream, entry("b1", "alice", seq, "completed" if seq == 50 else "processing"))
         pipe.xadd(stream, entry("b2", "alice", seq))  # another batch of the same user
-        pipe.xadd(stream, entry("x", "bob", seq))  # nobody watches bob: read, not parsed
+        pipe.xadd(stream, entry("x", "bob", seq))  # nobody watches bob: read, not fanned out
         expected_read += 3
     bad = entry("b3", "alice", 1)
     bad["total"] = "-1"  # a watched user's malformed entry: rejected and counted
@@ -53,9 +54,12 @@ async def test_one_reply_fans_out_the_newest_state_per_watched_batch(
     bad_unwatched = entry("b4", "bob", 1)
     bad_unwatched["v"] = "2"  # a foreign entry is parsed whoever it names: rejected, counted
     pipe.xadd(stream, bad_unwatched)
+    bad_unwatched_number = entry("b5", "bob", 1)
+    bad_unwatched_number["seq"] = "x"  # nobody watches bob, still a bad entry: counted
+    pipe.xadd(stream, bad_unwatched_number)
     last = (await pipe.execute())[-1]
     assert last
-    expected_read += 2
+    expected_read += 3
 
     got: list[BatchState] = []
     metrics = Metrics()
@@ -79,7 +83,7 @@ async def test_one_reply_fans_out_the_newest_state_per_watched_batch(
 
     assert reader.last_ids[0] == bytes(last)
     assert metrics.entries_read._value.get() == expected_read
-    assert metrics.entries_rejected.labels("bad_number")._value.get() == 1
+    assert metrics.entries_rejected.labels("bad_number")._value.get() == 2
     assert metrics.entries_rejected.labels("foreign")._value.get() == 1
     assert metrics.stream_gaps._value.get() == 0  # skipped entries count as read
     assert {s.user_id for s in got} == {"alice"}
