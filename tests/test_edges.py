@@ -387,47 +387,96 @@ async def test_first_message_auth_accepts_a_handshake_sized_token(relay_factory:
 # -- 16. Redis hung (SIGSTOP), not dead ----------------------------------------------------------
 
 
+async def _outage_under_load(
+    relay: Relay,
+    redis_url: str,
+    prefix: str,
+    *,
+    user: str,
+    begin: Callable[[], None],
+    end: Callable[[], None],
+    what: str,
+) -> None:
+    """Clients connected and a worker writing (straight to Redis); `begin()` an outage of the
+    relay's Redis for 10 s, then `end()` it: /readyz goes 503 and back, /healthz stays fast, the
+    client never reconnects and every batch ends exact."""
+    base = f"http://127.0.0.1:{relay.port}"
+    batches = [bid(), bid()]
+    watcher = Watcher(ws_url(relay), user).start()
+    worker = Worker(redis_url, prefix, user, batches, items=60, pause=0.1)
+    working = asyncio.create_task(worker.run())
+    await wait_until(lambda: worker.rounds_done >= 5)
+    begin()
+    t0 = time.monotonic()
+    worst = 0.0
+    try:
+        await wait_http(f"{base}/readyz", 503, timeout=8)
+        print(f"\n/readyz 503 after {time.monotonic() - t0:.1f} s of {what}")
+        while time.monotonic() - t0 < 10:
+            t = time.monotonic()
+            await wait_http(f"{base}/healthz", 200, timeout=2)
+            worst = max(worst, time.monotonic() - t)
+            await asyncio.sleep(0.2)
+    finally:
+        end()
+    t1 = time.monotonic()
+    await wait_http(f"{base}/readyz", 200, timeout=20)
+    print(f"/readyz 200 {time.monotonic() - t1:.1f} s after; /healthz worst {worst * 1000:.0f} ms")
+    async with asyncio.timeout(40):
+        await working
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        await all_exact([watcher], getter(client, prefix), batches)
+        assert watcher.connects == 1, watcher.closes  # stayed connected throughout
+    finally:
+        await watcher.stop()
+        await client.aclose()
+
+
 @pytest.mark.slow
 async def test_redis_stopped_10s_then_continued(redis_server_factory: Factory, prefix: str) -> None:
     server = redis_server_factory()
     relay = Relay(make_config(server.url, prefix))
     await relay.start()
-    base = f"http://127.0.0.1:{relay.port}"
+    assert server._proc is not None
+    pid = server._proc.pid
     try:
-        batches = [bid(), bid()]
-        watcher = Watcher(ws_url(relay), "ivy").start()
-        worker = Worker(server.url, prefix, "ivy", batches, items=60, pause=0.1)
-        working = asyncio.create_task(worker.run())
-        await wait_until(lambda: worker.rounds_done >= 5)
-        assert server._proc is not None
-        os.kill(server._proc.pid, signal.SIGSTOP)
-        t0 = time.monotonic()
-        try:
-            await wait_http(f"{base}/readyz", 503, timeout=8)
-            print(f"\n/readyz 503 after {time.monotonic() - t0:.1f} s of SIGSTOP")
-            health = []
-            while time.monotonic() - t0 < 10:
-                t = time.monotonic()
-                await wait_http(f"{base}/healthz", 200, timeout=2)
-                health.append(time.monotonic() - t)
-                await asyncio.sleep(0.2)
-        finally:
-            os.kill(server._proc.pid, signal.SIGCONT)
-        t1 = time.monotonic()
-        await wait_http(f"{base}/readyz", 200, timeout=15)
-        print(
-            f"/readyz 200 {time.monotonic() - t1:.1f} s after SIGCONT; /healthz worst "
-            f"{max(health) * 1000:.0f} ms"
+        await _outage_under_load(
+            relay,
+            server.url,
+            prefix,
+            user="ivy",
+            begin=lambda: os.kill(pid, signal.SIGSTOP),
+            end=lambda: os.kill(pid, signal.SIGCONT),
+            what="SIGSTOP",
         )
-        async with asyncio.timeout(40):
-            await working
-        client = redis.asyncio.Redis.from_url(server.url)
-        await all_exact([watcher], getter(client, prefix), batches)
-        assert watcher.connects == 1, watcher.closes  # stayed connected throughout
-        await watcher.stop()
-        await client.aclose()
     finally:
         await relay.shutdown()
+
+
+@pytest.mark.slow
+async def test_network_black_hole_between_relay_and_redis_for_10s(
+    redis_server_factory: Factory, prefix: str
+) -> None:
+    """The network variant: the relay reaches Redis through a proxy that forwards nothing for
+    10 s, then heals (as TCP retransmission would); the worker writes directly."""
+    server = redis_server_factory()
+    proxy = await TcpProxy(server.port).start()
+    relay = Relay(make_config(f"redis://127.0.0.1:{proxy.port}/0", prefix))
+    await relay.start()
+    try:
+        await _outage_under_load(
+            relay,
+            server.url,
+            prefix,
+            user="joy",
+            begin=proxy.hold,
+            end=proxy.release,
+            what="black hole",
+        )
+    finally:
+        await relay.shutdown()
+        await proxy.stop()
 
 
 # -- 12. a trickling client cannot evade write_timeout -------------------------------------------
@@ -507,51 +556,3 @@ async def test_trickling_client_is_closed_after_write_timeout(
     while (msg := await recv_json(prompt))["action"] != "pong":
         assert msg["action"] == "batch_progress"
     await prompt.close()
-
-
-@pytest.mark.slow
-async def test_network_black_hole_between_relay_and_redis_for_10s(
-    redis_server_factory: Factory, prefix: str
-) -> None:
-    """Item 16, the network variant: the relay reaches Redis through a proxy that forwards
-    nothing for 10 s (then heals, as TCP retransmission would); workers write directly."""
-    server = redis_server_factory()
-    proxy = await TcpProxy(server.port).start()
-    relay = Relay(make_config(f"redis://127.0.0.1:{proxy.port}/0", prefix))
-    await relay.start()
-    base = f"http://127.0.0.1:{relay.port}"
-    try:
-        batches = [bid(), bid()]
-        watcher = Watcher(ws_url(relay), "joy").start()
-        worker = Worker(server.url, prefix, "joy", batches, items=60, pause=0.1)
-        working = asyncio.create_task(worker.run())
-        await wait_until(lambda: worker.rounds_done >= 5)
-        proxy.hold()
-        t0 = time.monotonic()
-        try:
-            await wait_http(f"{base}/readyz", 503, timeout=8)
-            print(f"\n/readyz 503 after {time.monotonic() - t0:.1f} s of black hole")
-            worst = 0.0
-            while time.monotonic() - t0 < 10:
-                t = time.monotonic()
-                await wait_http(f"{base}/healthz", 200, timeout=2)
-                worst = max(worst, time.monotonic() - t)
-                await asyncio.sleep(0.2)
-        finally:
-            proxy.release()
-        t1 = time.monotonic()
-        await wait_http(f"{base}/readyz", 200, timeout=20)
-        print(
-            f"/readyz 200 {time.monotonic() - t1:.1f} s after the network healed; /healthz "
-            f"worst {worst * 1000:.0f} ms"
-        )
-        async with asyncio.timeout(40):
-            await working
-        client = redis.asyncio.Redis.from_url(server.url)
-        await all_exact([watcher], getter(client, prefix), batches)
-        assert watcher.connects == 1, watcher.closes  # stayed connected throughout
-        await watcher.stop()
-        await client.aclose()
-    finally:
-        await relay.shutdown()
-        await proxy.stop()
