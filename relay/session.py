@@ -31,6 +31,7 @@ from relay.wire import (
     BadClientFrame,
     BatchState,
     ClientAuth,
+    ClientFrame,
     ClientPing,
     encode,
     parse_client_frame,
@@ -228,16 +229,12 @@ class Session:
         except TimeoutError:
             await self._refuse(AuthFailed(AUTH_TIMEOUT, "authentication timeout", "timeout"))
             return None
-        try:
-            frame = parse_client_frame(message)
-        except BadClientFrame as e:
-            if self._oversized(message):
-                await self._close_reading(MESSAGE_TOO_BIG, "message too big")
-            else:
-                await self._refuse(AuthFailed(BAD_FORMAT, str(e), "bad_format"))
-            return None
-        if not isinstance(frame, ClientAuth) and self._oversized(message):
+        frame = self._parse(message)
+        if isinstance(frame, int):  # MESSAGE_TOO_BIG
             await self._close_reading(MESSAGE_TOO_BIG, "message too big")
+            return None
+        if isinstance(frame, str):
+            await self._refuse(AuthFailed(BAD_FORMAT, frame, "bad_format"))
             return None
         if not isinstance(frame, ClientAuth):
             await self._refuse(
@@ -267,17 +264,12 @@ class Session:
                 log.info("client_flood", rate_per_s=self._bucket.rate)
                 await self._close_reading(POLICY_VIOLATION, "too many messages")
                 return
-            try:
-                frame = parse_client_frame(message)
-            except BadClientFrame as e:
-                too_big = self._oversized(message)
-                await self._close_reading(
-                    MESSAGE_TOO_BIG if too_big else BAD_FORMAT,
-                    "message too big" if too_big else str(e),
-                )
-                return
-            if not isinstance(frame, ClientAuth) and self._oversized(message):
+            frame = self._parse(message)
+            if isinstance(frame, int):  # MESSAGE_TOO_BIG
                 await self._close_reading(MESSAGE_TOO_BIG, "message too big")
+                return
+            if isinstance(frame, str):
+                await self._close_reading(BAD_FORMAT, frame)
                 return
             if isinstance(frame, ClientAuth):
                 await self._refresh(frame.token)
@@ -286,13 +278,19 @@ class Session:
                 self.wake()
             # pong and other well-formed objects are ignored
 
-    def _oversized(self, message: str | bytes) -> bool:
-        """Over max_message_bytes (the library only enforces the auth message's larger cap)."""
+    def _parse(self, message: str | bytes) -> ClientFrame | str | int:
+        """The client frame; or why it is not one (str, close 4004); or MESSAGE_TOO_BIG when it
+        is over max_message_bytes and not an auth message (the library enforces only the auth
+        message's larger cap)."""
+        try:
+            frame: ClientFrame | str = parse_client_frame(message)
+        except BadClientFrame as e:
+            frame = str(e)
         limit = self.relay.config.fanout.max_message_bytes
-        if len(message) * 4 <= limit:  # a str of n chars is at most 4n bytes in UTF-8
-            return False
+        if isinstance(frame, ClientAuth) or len(message) * 4 <= limit:  # n chars <= 4n bytes
+            return frame
         size = len(message) if isinstance(message, bytes) else len(message.encode())
-        return size > limit
+        return MESSAGE_TOO_BIG if size > limit else frame
 
     async def _refresh(self, token: str) -> None:
         """In-band token refresh: same user extends the connection; another user is refused."""
