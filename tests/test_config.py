@@ -79,6 +79,19 @@ def test_env_overrides_every_kind_of_value() -> None:
         ("", {"RELAY_FANOUT_SNAPSHOT_MAX_BATCHES": "0"}, "fanout.snapshot_max_batches"),
         ("[fanout]\nheartbeat_s = inf\n", {}, "fanout.heartbeat_s"),
         ("[auth]\nleeway_s = nan\n", {}, "auth.leeway_s"),
+        # keys from an identity provider (tests/test_jwks.py has the rest)
+        ("", {"RELAY_AUTH_JWKS_URL": "ftp://idp.example/jwks"}, "auth.jwks_url"),
+        ("", {"RELAY_AUTH_JWKS_URL": "https:///jwks"}, "auth.jwks_url"),
+        ("", {"RELAY_AUTH_JWKS_URL": "https://idp.example/jwks"}, "auth.algorithms"),
+        (
+            "[auth]\nalgorithms = ['RS256']\npublic_key_file = 'k.pem'\n",
+            {"RELAY_AUTH_JWKS_URL": "https://idp.example/jwks"},
+            "auth.public_key_file",
+        ),
+        ("", {"RELAY_AUTH_JWKS_CACHE_S": "0"}, "auth.jwks_cache_s"),
+        ("", {"RELAY_AUTH_JWKS_CACHE_S": "inf"}, "auth.jwks_cache_s"),
+        ("", {"RELAY_AUTH_JWKS_CACHE_S": "nan"}, "auth.jwks_cache_s"),
+        ("", {"RELAY_AUTH_JWKS_TIMEOUT_S": "0"}, "auth.jwks_timeout_s"),
     ],
 )
 def test_invalid_config_names_the_key(

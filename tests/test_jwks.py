@@ -14,7 +14,6 @@ import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import jwt
@@ -359,33 +358,6 @@ def test_parse_jwks_skips_unusable_keys() -> None:
 
 
 # -- configuration ----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("toml", "env", "key"),
-    [
-        ("", {"RELAY_AUTH_JWKS_URL": "ftp://idp.example/jwks"}, "auth.jwks_url"),
-        ("", {"RELAY_AUTH_JWKS_URL": "https:///jwks"}, "auth.jwks_url"),
-        ("", {"RELAY_AUTH_JWKS_URL": "https://idp.example/jwks"}, "auth.algorithms"),
-        (
-            "[auth]\nalgorithms = ['RS256']\npublic_key_file = 'k.pem'\n",
-            {"RELAY_AUTH_JWKS_URL": "https://idp.example/jwks"},
-            "auth.public_key_file",
-        ),
-        ("", {"RELAY_AUTH_JWKS_CACHE_S": "0"}, "auth.jwks_cache_s"),
-        ("", {"RELAY_AUTH_JWKS_CACHE_S": "inf"}, "auth.jwks_cache_s"),
-        ("", {"RELAY_AUTH_JWKS_CACHE_S": "nan"}, "auth.jwks_cache_s"),
-        ("", {"RELAY_AUTH_JWKS_TIMEOUT_S": "0"}, "auth.jwks_timeout_s"),
-    ],
-)
-def test_jwks_config_errors_name_the_key(
-    tmp_path: Path, toml: str, env: dict[str, str], key: str
-) -> None:
-    path = tmp_path / "relay.toml"
-    path.write_text(toml)
-    with pytest.raises(ConfigError) as info:
-        load_config(path, env=env)
-    assert info.value.key == key
 
 
 def test_jwks_config_from_env() -> None:
