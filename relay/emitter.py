@@ -35,7 +35,7 @@ import redis.asyncio.cluster
 import redis.cluster
 import structlog
 
-from relay.errors import BadArgument, BadEntry, EmitError, WrongUser
+from relay.errors import BadArgument, BadEntry, EmitError, WrongUser, error_fields
 from relay.keys import KeySpace
 from relay.redis_client import REDIS_ERRORS
 from relay.wire import (
@@ -205,7 +205,7 @@ class _Ops:
                 "progress_report_failed",
                 op=op,
                 batch_id=batch_id,
-                error=f"{type(e).__name__}: {e}",
+                **error_fields(e),
             )
             return
         raise RedisUnavailable(f"{op} on batch {batch_id!r} failed: {e}") from e
@@ -502,7 +502,7 @@ class _Buffer:
                 "progress_report_lost",
                 batch_id=self.batch_id,
                 outcomes=len(args) // 2,
-                error=f"{type(e).__name__}: {e}",
+                **error_fields(e),
             )
         else:
             back = {args[i]: args[i + 1] == "1" for i in range(0, len(args), 2)}
@@ -514,7 +514,7 @@ class _Buffer:
                     "progress_flush_failed",
                     batch_id=self.batch_id,
                     outcomes=len(back),
-                    error=f"{type(e).__name__}: {e}",
+                    **error_fields(e),
                 )
         if not self.ops.best_effort:
             raise RedisUnavailable(f"items on batch {self.batch_id!r} failed: {e}") from e

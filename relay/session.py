@@ -21,7 +21,7 @@ from relay.auth import Claims
 from relay.core.deadlines import take_and_schedule
 from relay.core.delivery import Outbox
 from relay.core.ratelimit import MessageBucket
-from relay.errors import AuthFailed
+from relay.errors import AuthFailed, error_fields
 from relay.pacer import now_ms
 from relay.redis_client import REDIS_ERRORS
 from relay.wire import (
@@ -194,7 +194,7 @@ class Session:
             try:
                 states = await self.relay.read_snapshot(claims.user_id)
             except REDIS_ERRORS as e:
-                log.warning("snapshot_failed", error=str(e), error_type=type(e).__name__)
+                log.warning("snapshot_failed", **error_fields(e))
                 self.relay.redis_failed(e)
                 await self._close_reading(TRY_AGAIN_LATER, "snapshot unavailable, retry later")
                 return

@@ -37,6 +37,7 @@ from celery import signals
 from celery.result import AsyncResult
 
 from relay.emitter import Emitter
+from relay.errors import error_fields
 from relay.integrations.outcome import report, start_and_send, tagged, tags
 
 QUEUE = "celery"
@@ -107,7 +108,7 @@ class BatchProgress:
             tag = tagged(request.headers) or tagged(vars(request))
             item_id = str(request.id)
         except Exception as e:  # never break the task (Celery would only log it, too)
-            log.warning("job_outcome_not_reported", queue=QUEUE, ok=ok, error=repr(e))
+            log.warning("job_outcome_not_reported", queue=QUEUE, ok=ok, **error_fields(e))
             return
         if tag is not None:
             report(self.emitter, QUEUE, tag, item_id, ok=ok)

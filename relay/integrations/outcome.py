@@ -14,6 +14,7 @@ from typing import Any, Final, TypeVar
 import structlog
 
 from relay.emitter import Emitter
+from relay.errors import error_fields
 
 BATCH_TAG: Final = "progress_batch_id"
 USER_TAG: Final = "progress_user_id"
@@ -51,7 +52,7 @@ def report(emitter: Emitter, queue: str, tag: tuple[str, str], item_id: str, *, 
             batch_id=batch_id,
             item_id=item_id,
             ok=ok,
-            error=repr(e),
+            **error_fields(e),
         )
 
 
