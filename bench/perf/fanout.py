@@ -25,6 +25,8 @@ from perf.harness import (
 from perf.params import Ctx
 from relay.wire import BatchState, progress_frame
 
+BATCHES = 64  # per user
+
 
 async def phase_fanout(ctx: Ctx, size: int) -> dict[str, Any]:
     p = ctx.params
@@ -47,7 +49,10 @@ async def phase_fanout(ctx: Ctx, size: int) -> dict[str, Any]:
             for i in range(first, first + count):
                 g = i % groups
                 seqs[g] += 1
-                fields = entry_fields(f"fan-b{g}-{size}", f"fan-u{g}", seqs[g], now)
+                # Updates cycle over BATCHES batches: the reader sends only the newest state
+                # per batch of one read, so one batch would measure that conflation instead.
+                batch = f"fan-b{g}-{size}-{seqs[g] % BATCHES}"
+                fields = entry_fields(batch, f"fan-u{g}", seqs[g], now)
                 pipe.xadd(STREAM, fields, maxlen=100_000, approximate=True)  # type: ignore[arg-type]
             await pipe.execute()
 
